@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import matplotlib
@@ -36,7 +37,8 @@ def save_fig(fig: "plt.Figure", fig_id: str, profile: str, figures_dir: str | Pa
 
     Each profile has its own folder, so a smoke run never overwrites the reference figures.
     """
-    folder = Path(figures_dir or FIGURES_DIR) / profile
+    # The notebook runner sets SD2_FIGURES_DIR when a run (a test, say) must not touch figures/.
+    folder = Path(figures_dir or os.environ.get("SD2_FIGURES_DIR") or FIGURES_DIR) / profile
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{fig_id}.png"
     fig.tight_layout()
