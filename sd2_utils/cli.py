@@ -15,6 +15,7 @@ import sys
 STAGE_MODULES = (
     "sd2_utils.models_cli",
     "sd2_utils.notebooks",
+    "sd2_utils.distill",
 )
 
 
