@@ -16,6 +16,7 @@ STAGE_MODULES = (
     "sd2_utils.models_cli",
     "sd2_utils.notebooks",
     "sd2_utils.distill",
+    "sd2_utils.finetune",
 )
 
 
