@@ -43,6 +43,8 @@ DEFAULT_LOOKBEHIND = 8
 # the pair is rejected. Qwen2.5 and SmolLM2 share 80%, Qwen2.5 and Gemma 3 share 37%.
 MIN_VOCABULARY_OVERLAP = 0.10
 SCHEDULES = ("constant", "heuristic")
+# Different-tokenizer drafting: text re-encoding, or token-level intersection (`sd2_utils.uag`).
+UAG_MODES = ("text", "intersection")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -692,11 +694,14 @@ def make_drafter(
     target_tokenizer=None,
     draft_tokenizer=None,
     lookbehind: int = DEFAULT_LOOKBEHIND,
+    uag_mode: str = "text",
 ):
-    """Pick the drafter for a pair: shared vocabulary, or text re-encoding between tokenizers.
+    """Pick the drafter for a pair: shared vocabulary, or one of the `UAG_MODES` between tokenizers.
 
     Without tokenizers the vocabularies are assumed to be shared.
     """
+    if uag_mode not in UAG_MODES:
+        raise ValueError(f"invalid `uag_mode` {uag_mode!r}; use one of {', '.join(UAG_MODES)}")
     if target_tokenizer is None or draft_tokenizer is None:
         if (target_tokenizer is None) != (draft_tokenizer is None):
             raise ValueError(
@@ -705,6 +710,10 @@ def make_drafter(
         return SharedTokenizerDrafter(draft, sampling, stop_ids)
     if same_vocabulary(target_tokenizer, draft_tokenizer):
         return SharedTokenizerDrafter(draft, sampling, stop_ids)
+    if uag_mode == "intersection":
+        from .uag import IntersectionDrafter  # uag imports this module, so import it late.
+
+        return IntersectionDrafter(draft, draft_tokenizer, target_tokenizer, sampling, lookbehind)
     check_vocabulary_overlap(draft_tokenizer, target_tokenizer)
     return TextReencodingDrafter(draft, draft_tokenizer, target_tokenizer, sampling, lookbehind)
 
@@ -727,6 +736,7 @@ def speculative_generate(
     max_length: int | None = None,
     lookbehind: int = DEFAULT_LOOKBEHIND,
     drafter=None,
+    uag_mode: str = "text",
 ) -> SpeculativeOutput:
     """Generate with speculative decoding, recording every verification round.
 
@@ -752,6 +762,9 @@ def speculative_generate(
         lookbehind: tokens re-encoded before a change, with different tokenizers.
         drafter: a ready drafter (``SharedTokenizerDrafter``, ``TextReencodingDrafter`` or one
             with the same ``start``/``propose`` methods), used instead of building one.
+        uag_mode: with different tokenizers, ``text`` re-encodes drafted text and ``intersection``
+            drafts only tokens both vocabularies share (``sd2_utils.uag.IntersectionDrafter``),
+            which keeps the draft's probabilities for speculative sampling.
 
     Returns:
         A ``SpeculativeOutput``.
@@ -762,7 +775,8 @@ def speculative_generate(
     if drafter is None:
         if draft is None:
             raise ValueError("pass a `draft` model or a ready `drafter`")
-        drafter = make_drafter(draft, sampling, stop_ids, target_tokenizer, draft_tokenizer, lookbehind)
+        drafter = make_drafter(draft, sampling, stop_ids, target_tokenizer, draft_tokenizer, lookbehind,
+                               uag_mode)
     else:
         drafter.sampling = sampling
 
