@@ -17,6 +17,8 @@ STAGE_MODULES = (
     "sd2_utils.notebooks",
     "sd2_utils.distill",
     "sd2_utils.finetune",
+    "sd2_utils.prune",
+    "sd2_utils.layer_prune",
 )
 
 

@@ -1,0 +1,112 @@
+"""Measurements behind notebook 02_sparsification: calibration choice, per-layer tables,
+perplexity of dense, pruned and layer-pruned drafts.
+
+Long measurements are cached in a JSON file, one entry per draft or baseline, written
+atomically after each entry, so a rerun (or a crashed run) skips what is already measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .calibration import perplexity
+from .io import atomic_write_json, read_json
+
+logger = logging.getLogger(__name__)
+
+
+def calibration_source(run_dir: str | os.PathLike, dataset: str = "sharegpt") -> str:
+    """Return ``RUN_DIR/distill/<dataset>`` when the distillation stage wrote it, else `dataset`.
+
+    The choice is logged, because it changes what the pruned drafts were calibrated on.
+    """
+    distilled = Path(run_dir) / "distill" / dataset
+    if distilled.is_dir() and any(distilled.glob("*.jsonl")):
+        logger.info("Calibration: distilled data at %s", distilled)
+        return str(distilled)
+    logger.info("Calibration: %s prompts with their original answers (no distilled data at %s)",
+                dataset, distilled)
+    return dataset
+
+
+def layer_table(manifest: dict[str, Any]) -> pd.DataFrame:
+    """One row per pruned layer: decoder layer index, module, shape, sparsity, error."""
+    rows = []
+    for name, entry in manifest["layers"].items():
+        match = re.search(r"\.(\d+)\.(.+)$", name)
+        rows.append({
+            "layer": int(match.group(1)) if match else -1,
+            "module": match.group(2) if match else name,
+            "rows": entry["shape"][0],
+            "columns": entry["shape"][1],
+            "sparsity": entry["sparsity"],
+            "reconstruction_error": entry["reconstruction_error"],
+            "dampening_frac": entry["dampening_frac"],
+            "seconds": entry["seconds"],
+        })
+    return pd.DataFrame(rows)
+
+
+def _cached(cache_path: Path, key: str, measure) -> dict[str, Any]:
+    cache = read_json(cache_path, default={}) or {}
+    if key in cache:
+        return cache[key]
+    started = time.perf_counter()
+    entry = measure()
+    entry["seconds"] = round(time.perf_counter() - started, 1)
+    cache = read_json(cache_path, default={}) or {}
+    cache[key] = entry
+    atomic_write_json(cache_path, cache)
+    return entry
+
+
+def draft_perplexity(
+    directory: str | os.PathLike, heldout: Sequence[torch.Tensor], cache_path: str | os.PathLike, key: str
+) -> dict[str, Any]:
+    """Measure (or read from the cache) the perplexity of a saved or named draft."""
+    from .metrics import count_macs
+    from .models import load_model
+
+    def measure():
+        model, _ = load_model(directory)
+        return {"perplexity": perplexity(model, heldout), "macs_per_token": count_macs(model).total,
+                "source": str(directory)}
+
+    return _cached(Path(cache_path), key, measure)
+
+
+def baseline_perplexity(
+    model_name: str,
+    method: str,
+    pattern: str | None,
+    samples: Sequence[torch.Tensor],
+    heldout: Sequence[torch.Tensor],
+    cache_path: str | os.PathLike,
+    key: str,
+) -> dict[str, Any]:
+    """Prune `model_name` in memory with a baseline method and measure its perplexity.
+
+    Baselines are not saved: only their perplexity and mean reconstruction error are kept.
+    """
+    from .metrics import count_macs
+    from .models import load_model
+    from .prune import prune_model, resolve_settings
+
+    def measure():
+        model, _ = load_model(model_name)
+        settings = resolve_settings(method, None if pattern else 0.5, pattern)
+        results = prune_model(model, samples, settings)
+        errors = [entry["reconstruction_error"] for entry in results.values()]
+        return {"perplexity": perplexity(model, heldout), "macs_per_token": count_macs(model).total,
+                "mean_reconstruction_error": sum(errors) / len(errors), "source": "in memory"}
+
+    return _cached(Path(cache_path), key, measure)
