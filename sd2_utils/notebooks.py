@@ -1,9 +1,10 @@
 """Run the numbered notebooks with papermill, one profile at a time, and gather their metrics.
 
-A profile (``profiles/<name>.yaml``) holds a section per notebook, keyed by the notebook's
-stem (``05_evaluation``). The runner injects that section, plus ``PROFILE`` and ``RUN_DIR``,
-into the cell tagged ``parameters``. Each notebook records its headline numbers with
-`record_metrics`; the runner gathers them into ``results/<profile>/metrics.json``.
+A profile (``profiles/<name>.yaml``) contains a section per notebook, keyed by the notebook's
+stem (``05_evaluation``). The runner injects that section, plus ``PROFILE``, ``RUN_DIR``
+(stage artifacts) and ``RESULTS_DIR`` (tables), into the cell tagged ``parameters``. Each
+notebook records its headline numbers with `record_metrics`; the runner gathers them into
+``results/<profile>/metrics.json``.
 
 A notebook that finished with the same parameters and the same source is skipped on a rerun
 (its stage record lives in ``RUN_DIR/stages/``); ``force`` reruns named stages.
@@ -62,13 +63,16 @@ def list_notebooks(directory: Path = NOTEBOOKS_DIR) -> list[Path]:
     return sorted(p for p in directory.glob("*.ipynb") if NOTEBOOK_PATTERN.match(p.name))
 
 
-def notebook_parameters(profile_name: str, stem: str, run_dir: Path) -> dict[str, Any]:
+def notebook_parameters(
+    profile_name: str, stem: str, run_dir: Path, results_dir: Path | None = None
+) -> dict[str, Any]:
     """Build the parameters papermill injects into notebook `stem` for a profile."""
     profile = load_profile(profile_name)
     section = profile.get(stem) or {}
     if not isinstance(section, dict):
         raise ValueError(f"profiles/{profile_name}.yaml: section {stem!r} must be a mapping")
-    return {"PROFILE": profile_name, "RUN_DIR": str(run_dir), **section}
+    results_dir = results_dir or RESULTS_DIR / profile_name
+    return {"PROFILE": profile_name, "RUN_DIR": str(run_dir), "RESULTS_DIR": str(results_dir), **section}
 
 
 def record_metrics(run_dir: str | os.PathLike, notebook: str, metrics: dict[str, Any]) -> Path:
@@ -181,7 +185,7 @@ def reproduce(
     upstream_ran = False
     for position, notebook in enumerate(notebooks, start=1):
         stem = notebook.stem
-        parameters = notebook_parameters(profile, stem, run_dir)
+        parameters = notebook_parameters(profile, stem, run_dir, results_dir)
         fingerprint = _fingerprint(notebook, parameters)
         stage_record = run_dir / "stages" / f"{stem}.json"
         done = read_json(stage_record, default={}) or {}
