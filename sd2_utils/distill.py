@@ -356,7 +356,7 @@ def original_responses(conversation: dict) -> list[str | None]:
 
 
 def held_out_prompts() -> dict[str, str]:
-    """Map each normalized evaluation prompt to the evaluation set that holds it.
+    """Map each normalized evaluation prompt to the evaluation set that contains it.
 
     Covers every user turn of Spec-Bench, MT-Bench and the GSM8K test split.
     """
@@ -521,7 +521,12 @@ def _template_ids(tokenizer, messages: list[dict]) -> list[int]:
 def eos_token_ids(model, tokenizer) -> list[int]:
     """Return every token id that ends a response (generation config and tokenizer)."""
     ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if ids is None:
+        ids = []
+    elif isinstance(ids, int):
+        ids = [ids]
+    else:
+        ids = list(ids)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
@@ -632,7 +637,7 @@ def _canonical_number(value: str) -> str | None:
 
 
 def answers_match(response: str, reference: str | None) -> bool:
-    """Whether the final number of `response` equals the reference number."""
+    """Return True when the final number of `response` equals the reference number."""
     if reference is None:
         return False
     expected = _canonical_number(reference.replace(",", ""))
@@ -771,7 +776,7 @@ def _check_manifest(manifest: dict, settings: dict, fingerprint: str, out_dir: P
                    for key in sorted(set(previous) | set(settings))
                    if previous.get(key) != settings.get(key)]
     raise ValueError(
-        f"{out_dir} holds a distillation run with other settings ({'; '.join(differences)}); "
+        f"{out_dir} contains a distillation run with other settings ({'; '.join(differences)}); "
         f"rerun with the original settings to resume it, or pass a new --out directory"
     )
 
@@ -789,7 +794,7 @@ def run_distillation(config: DistillConfig, out_dir: str | os.PathLike, model=No
         The summary (also written to ``summary.json``).
 
     Raises:
-        ValueError: `out_dir` holds a run with other settings, or no usable conversation
+        ValueError: `out_dir` contains a run with other settings, or no usable conversation
             remains.
     """
     from tqdm.auto import tqdm
@@ -824,6 +829,11 @@ def run_distillation(config: DistillConfig, out_dir: str | os.PathLike, model=No
             f"set updated?); distill into a new --out directory"
         )
 
+    # A kill during an atomic write leaves its temporary file behind; nothing reads those.
+    # NOTE: this assumes one writer per folder. Two runs into the same folder at once are
+    # not detected.
+    for stale in out_dir.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
     done_shards = manifest["shards"]
     pending = [index for index in range(len(plan.batches))
                if SHARD_TEMPLATE.format(index=index) not in done_shards]
@@ -897,8 +907,35 @@ def load_distilled(directory: str | os.PathLike, include_filtered: bool = False)
     if not include_filtered:
         records = [record for record in records if record["kept"]]
     if not records:
-        raise ValueError(f"{directory} holds no {'' if include_filtered else 'kept '}records")
+        raise ValueError(f"{directory} contains no {'' if include_filtered else 'kept '}records")
     return datasets.Dataset.from_list(records)
+
+
+def side_by_side(directory: str | os.PathLike, num_rows: int = 5, max_chars: int = 400):
+    """Tabulate the first turns of `num_rows` records: prompt, original and target's answer.
+
+    Returns:
+        A ``pandas.DataFrame`` with columns ``id``, ``prompt``, ``original``, ``target``,
+        ``target_tokens`` and ``finish_reason``; texts are cut at `max_chars` characters.
+    """
+    import pandas as pd
+
+    def cut(text: str | None) -> str:
+        if text is None:
+            return ""
+        return text if len(text) <= max_chars else text[:max_chars] + " [...]"
+
+    rows = []
+    for record in [r for r in read_records(directory) if len(r["turns"]) >= 2][:num_rows]:
+        rows.append({
+            "id": record["id"],
+            "prompt": cut(record["turns"][0]["content"]),
+            "original": cut(record["original_responses"][0]),
+            "target": cut(record["turns"][1]["content"]),
+            "target_tokens": record["completion_tokens"][0],
+            "finish_reason": record["finish_reasons"][0],
+        })
+    return pd.DataFrame(rows)
 
 
 def response_length_histogram(lengths: Iterable[int], max_new_tokens: int, bins: int = 8) -> dict:
@@ -966,7 +1003,7 @@ def summarize(directory: str | os.PathLike, plan: Plan | None = None) -> dict:
 # Command line
 
 
-def _format_summary(summary: dict) -> str:
+def format_summary(summary: dict) -> str:
     lines = [
         f"conversations: {summary['done']} of {summary['planned']} done, {summary['kept']} kept",
         f"responses: {summary['responses']} ({summary['truncated_responses']} cut at "
@@ -993,7 +1030,7 @@ def _distill(args: argparse.Namespace) -> int:
         max_turns=args.max_turns, temperature=args.temperature,
     )
     summary = run_distillation(config, args.out)
-    print(_format_summary(summary))
+    print(format_summary(summary))
     return 0
 
 

@@ -365,7 +365,7 @@ def test_run_distillation_finished_rerun_is_noop(finished_run):
 def test_run_distillation_rejects_other_settings(finished_run):
     config, out, _ = finished_run
     changed = DistillConfig(**{**config.__dict__, "max_new_tokens": 32})
-    with pytest.raises(ValueError, match=r"holds a distillation run with other settings "
+    with pytest.raises(ValueError, match=r"contains a distillation run with other settings "
                                          r"\(max_new_tokens: 16 -> 32\); rerun with the original"):
         distill.run_distillation(changed, out)
 
