@@ -120,6 +120,9 @@ class FinetuneConfig:
         self.data = [str(path) for path in self.data]
         self.model = str(self.model)
         self.out = str(self.out)
+        # The CLI passes floats; equal settings must give equal fingerprints (1 and 1.0 differ in JSON).
+        for name in ("epochs", "learning_rate", "warmup", "weight_decay", "max_grad_norm"):
+            setattr(self, name, float(getattr(self, name)))
         checks = (
             ("max_steps", self.max_steps is None or self.max_steps > 0, "a positive step count"),
             ("epochs", self.epochs > 0, "a positive number of epochs"),
@@ -362,7 +365,11 @@ def assistant_perplexity(model: nn.Module, dataset, batch_size: int = 4) -> floa
 
 
 def load_draft_masks(model_dir: str | os.PathLike, model: nn.Module) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
-    """Load the pruning masks of a sparse draft and check them against its weights.
+    """Build the fixed mask of a sparse draft and check its manifest against its weights.
+
+    The mask keeps every weight that is nonzero now (``prune.compute_masks``): every zero of a
+    pruned layer stays zero through fine-tuning. That is a superset of the zeros pruning chose
+    (``sparsity_masks.safetensors``), because a kept weight may already have been exactly zero.
 
     Args:
         model_dir: the draft's folder; a folder without ``sparsity_manifest.json`` is a dense
@@ -370,13 +377,13 @@ def load_draft_masks(model_dir: str | os.PathLike, model: nn.Module) -> tuple[di
         model: the draft loaded from that folder.
 
     Returns:
-        (masks, manifest): ``{module_name: bool [rows, columns]}``, True where a weight is
-        kept, or (None, None) for a draft without a manifest.
+        (masks, manifest): ``{module_name: bool [rows, columns]}``, True where a weight may
+        train, or (None, None) for a draft without a manifest.
 
     Raises:
         ValueError: the manifest does not match the weights: a pruned layer is missing, a
-            shape differs, a pruned position holds a nonzero weight, or a layer's measured
-            sparsity differs from the manifest's.
+            shape differs, a position that pruning chose holds a nonzero weight, or the
+            sparsity of a layer's pruning mask differs from the manifest's.
     """
     from .prune import MANIFEST_NAME, MASKS_NAME, compute_masks, load_masks, load_sparsity_manifest
 
@@ -389,33 +396,38 @@ def load_draft_masks(model_dir: str | os.PathLike, model: nn.Module) -> tuple[di
             f"model directory {str(model_dir)!r} has {MANIFEST_NAME} but no {MASKS_NAME}; "
             f"prune the draft again with `sd2 prune`"
         )
-    masks = load_masks(model_dir)
+    mismatch = f"the sparsity manifest of {str(model_dir)!r} does not match its weights"
+    fix = (f"prune the draft again with `sd2 prune`, or remove {MANIFEST_NAME} to train it as a "
+           f"dense draft")
+    pruning_masks = load_masks(model_dir)
     try:
-        current = compute_masks(model, manifest)
+        masks = compute_masks(model, manifest)
     except ValueError as error:
-        raise ValueError(f"the sparsity manifest of {str(model_dir)!r} does not match its weights: "
-                         f"{error}") from None
-    for name, mask in masks.items():
-        weight_mask = current[name]
+        raise ValueError(f"{mismatch}: {error}") from None
+    extra_zeros = 0
+    for name, pruning_mask in pruning_masks.items():
+        mask = masks[name]
         recorded = manifest["layers"][name]
-        if tuple(mask.shape) != tuple(weight_mask.shape) or list(mask.shape) != list(recorded["shape"]):
+        if tuple(pruning_mask.shape) != tuple(mask.shape) or list(mask.shape) != list(recorded["shape"]):
             raise ValueError(
-                f"the sparsity manifest of {str(model_dir)!r} does not match its weights: layer "
-                f"{name} has shape {list(weight_mask.shape)} but its mask {list(mask.shape)} and the "
-                f"manifest {recorded['shape']}; prune the draft again with `sd2 prune`"
+                f"{mismatch}: layer {name} has weight shape {list(mask.shape)}, mask shape "
+                f"{list(pruning_mask.shape)} and manifest shape {recorded['shape']}; {fix}"
             )
-        nonzero_pruned = int((weight_mask & ~mask).sum())
-        measured = 1.0 - float(weight_mask.float().mean())
-        if nonzero_pruned or abs(measured - recorded["sparsity"]) > 1.0 / mask.numel() + 1e-9:
+        nonzero_pruned = int((mask & ~pruning_mask).sum())
+        if nonzero_pruned:
             raise ValueError(
-                f"the sparsity manifest of {str(model_dir)!r} does not match its weights: layer "
-                f"{name} has sparsity {measured:.6f} in its weights and {recorded['sparsity']:.6f} "
-                f"in the manifest, with {nonzero_pruned} nonzero weights at pruned positions; "
-                f"prune the draft again with `sd2 prune`, or remove {MANIFEST_NAME} to train it "
-                f"as a dense draft"
+                f"{mismatch}: layer {name} has {nonzero_pruned} nonzero weights at pruned "
+                f"positions; {fix}"
             )
-    logger.info("Loaded %d pruning masks from %s (overall sparsity %.4f)",
-                len(masks), model_dir, manifest["overall_sparsity"])
+        mask_sparsity = 1.0 - float(pruning_mask.float().mean())
+        if abs(mask_sparsity - recorded["sparsity"]) > 1.0 / mask.numel() + 1e-9:
+            raise ValueError(
+                f"{mismatch}: layer {name} has sparsity {mask_sparsity:.6f} in its mask and "
+                f"{recorded['sparsity']:.6f} in the manifest; {fix}"
+            )
+        extra_zeros += int((~mask & pruning_mask).sum())
+    logger.info("Fixed mask of %d layers from %s: overall sparsity %.4f, plus %d kept weights "
+                "that are already zero", len(masks), model_dir, manifest["overall_sparsity"], extra_zeros)
     return masks, manifest
 
 
@@ -581,7 +593,8 @@ def last_complete_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
 def _prepare_output(config: FinetuneConfig, out: Path, fingerprint: str) -> Path | None:
     """Check the output folder against the settings; return the checkpoint to resume from."""
     checkpoints = out / CHECKPOINTS_DIR
-    if config.overwrite and out.exists():
+    # Under torchrun or accelerate every process gets here; only the first one deletes.
+    if config.overwrite and out.exists() and int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(out)
     recorded = read_json(checkpoints / SETTINGS_NAME)
     if recorded is None:
@@ -625,6 +638,9 @@ def _training_arguments(config: FinetuneConfig, checkpoints: Path):
         max_grad_norm=config.max_grad_norm,
         optim=config.optim,
         bf16=config.bf16,
+        # Without a GPU, `use_cpu` makes accelerate use CPU bf16 autocast and, under torchrun,
+        # a gloo process group.
+        use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=config.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         logging_steps=1,
@@ -643,12 +659,16 @@ def _training_arguments(config: FinetuneConfig, checkpoints: Path):
     )
 
 
-def finetune(config: FinetuneConfig) -> dict[str, Any]:
+def finetune(config: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Fine-tune a draft on distilled conversations with its mask fixed; return the summary.
 
     A finished output folder with the same settings is reused. Under ``accelerate launch`` or
     ``torchrun`` every process calls this function; only the main process writes files other
     than checkpoints.
+
+    Args:
+        config: the run's settings.
+        callbacks: extra ``transformers.TrainerCallback`` objects (timing, logging).
 
     Returns:
         the contents of ``finetune_summary.json``: settings, ``train_loss`` (mean),
@@ -694,8 +714,13 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         )
     split = len(conversations) - config.num_heldout
     train_dataset = build_training_dataset(conversations[:split], tokenizer, config.max_seq_length)
-    heldout = (build_training_dataset(conversations[split:], tokenizer, config.max_seq_length)
-               if config.num_heldout else None)
+    heldout = None
+    if config.num_heldout:
+        try:
+            heldout = build_training_dataset(conversations[split:], tokenizer, config.max_seq_length)
+        except ValueError:
+            logger.warning("No held-out conversation has assistant tokens within max_seq_length=%d; "
+                           "held-out perplexity is not measured", config.max_seq_length)
     supervised_tokens = sum(sum(label != IGNORE_INDEX for label in row) for row in train_dataset["labels"])
     logger.info("Training %s on %d conversations (%d assistant tokens), %d held out",
                 config.model, len(train_dataset), supervised_tokens, config.num_heldout)
@@ -705,34 +730,58 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
 
     checkpoints = out / CHECKPOINTS_DIR
     arguments = _training_arguments(config, checkpoints)
-    callbacks = [_make_trainer_callback()(masks)] if masks else []
+    callbacks = [*([_make_trainer_callback()(masks)] if masks else []), *callbacks]
     trainer = Trainer(model=model, args=arguments, train_dataset=train_dataset,
                       data_collator=SupervisedCollator(pad_token_id(tokenizer)),
                       processing_class=tokenizer, callbacks=callbacks)
     if trainer.is_world_process_zero():
         atomic_write_json(checkpoints / SETTINGS_NAME, {"fingerprint": fingerprint, "settings": settings})
+    logger.info("Training with world size %d", arguments.world_size)
     if resume_from is not None:
         logger.info("Resuming from %s", resume_from)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.save_model(str(out))
+    # Every process runs this forward pass, because a sharded (FSDP) model needs all of them.
+    perplexity_after = assistant_perplexity(trainer.model, heldout) if heldout is not None else None
     trainer.accelerator.wait_for_everyone()
 
     summary = None
     if trainer.is_world_process_zero():
         summary = _finish(config, source, out, trainer, result, masks, manifest, sparsity_before,
-                          perplexity_before, heldout, fingerprint, supervised_tokens, started)
+                          perplexity_before, perplexity_after, fingerprint, supervised_tokens, started)
     trainer.accelerator.wait_for_everyone()
     return summary if summary is not None else read_json(out / SUMMARY_NAME)
 
 
+def saved_weights(directory: str | os.PathLike, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Read the ``weight`` of the named modules from a saved model's safetensors files.
+
+    Reads one tensor at a time, so checking a saved draft costs no second copy of the model.
+
+    Returns:
+        ``{module_name: weight [rows, columns]}``.
+    """
+    from safetensors import safe_open
+
+    wanted = {f"{name}.weight": name for name in names}
+    found: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                if key in wanted:
+                    found[wanted[key]] = handle.get_tensor(key)
+    missing = sorted(set(names) - set(found))
+    if missing:
+        raise ValueError(f"{directory} has no saved weight for {len(missing)} layers, e.g. {missing[0]}")
+    return found
+
+
 def _finish(config, source, out, trainer, result, masks, manifest, sparsity_before, perplexity_before,
-            heldout, fingerprint, supervised_tokens, started) -> dict[str, Any]:
+            perplexity_after, fingerprint, supervised_tokens, started) -> dict[str, Any]:
     """Check the saved draft and write the training log, manifest and summary (main process).
 
-    The checks run on the model reloaded from `out`, so they cover the files a user loads.
+    The mask check reads the saved safetensors files, so it covers the files a user loads.
     """
-    from transformers import AutoModelForCausalLM
-
     from .prune import MANIFEST_NAME, MASKS_NAME, library_versions
 
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -741,15 +790,12 @@ def _finish(config, source, out, trainer, result, masks, manifest, sparsity_befo
     atomic_write_json(out / TRAINING_LOG_NAME, log)
     metrics = result.metrics
     tokens_seen = int(trainer.state.num_input_tokens_seen)
-    # The optimizer state is no longer needed; free it before loading the saved copy.
-    trainer.optimizer = None
-    trainer.lr_scheduler = None
-
-    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    violations = mask_violations(saved, masks) if masks else {}
-    sparsity_after = layer_sparsity(saved, list(masks)) if masks else {}
-    perplexity_after = assistant_perplexity(saved, heldout) if heldout is not None else None
-    del saved
+    violations, sparsity_after = {}, {}
+    if masks:
+        weights = saved_weights(out, list(masks))
+        violations = {name: int((weights[name] != 0)[~mask].sum()) for name, mask in masks.items()}
+        sparsity_after = {name: float((weights[name] == 0).float().mean()) for name in masks}
+        del weights
     runtime = float(metrics.get("train_runtime", 0.0))
     # After a resume, the runtime and the tokens of `metrics` cover the resumed steps only.
     tokens_this_run = float(metrics.get("num_input_tokens_seen", tokens_seen))
@@ -782,13 +828,13 @@ def _finish(config, source, out, trainer, result, masks, manifest, sparsity_befo
                 f"in the saved draft {out}; the fixed-mask callback failed for this setup"
             )
         shutil.copyfile(Path(source) / MASKS_NAME, out / MASKS_NAME)
+        # The pruning masks and their per-layer sparsity are unchanged; the weights' zero
+        # fractions (pruned weights plus kept weights that were already zero) are added.
         updated = dict(manifest)
-        updated["layers"] = {name: {**entry, "sparsity": sparsity_after[name]}
-                             for name, entry in manifest["layers"].items()}
         updated["finetune"] = {
             "base_draft": config.model, "data": list(config.data), "steps": summary["steps"],
             "masks_fingerprint": summary["masks_fingerprint"], "mask_violations": 0,
-            "versions": library_versions(),
+            "weight_sparsity": sparsity_after, "versions": library_versions(),
         }
         atomic_write_json(out / MANIFEST_NAME, updated)
     if not config.keep_checkpoints:
