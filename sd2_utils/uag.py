@@ -14,10 +14,9 @@ Three parts:
 - Token-level intersection (TLI; Timor et al. 2025, "Accelerating LLM Inference with Lossless
   Speculative Decoding Algorithms for Heterogeneous Vocabularies", arXiv 2502.05202).
   ``IntersectionDrafter`` restricts the draft's next-token distribution to the shared
-  vocabulary and renormalizes it. A drafted token then is a target token, and its probability
-  q is known in the target's vocabulary, so standard speculative sampling verification
-  (accept with min(1, p / q), resample from max(0, p - q)) keeps the output distributed as the
-  target's. The engine uses it with ``speculative_generate(..., uag_mode="intersection")`` or
+  vocabulary and renormalizes it. A drafted token then is a target token whose probability q
+  is known in the target's vocabulary. So standard speculative sampling verification (accept
+  with min(1, p / q), resample from max(0, p - q)) keeps the output distributed as the target's. The engine uses it with ``speculative_generate(..., uag_mode="intersection")`` or
   with ``drafter=IntersectionDrafter(...)``.
 """
 
@@ -25,15 +24,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+
+from .io import atomic_write_json, read_json
 
 from .speculative import (
     DEFAULT_LOOKBEHIND,
@@ -63,6 +68,8 @@ TEMPLATE_PROBE = (
 )
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _SENTENCEPIECE_SPACE = "\u2581"
+# `owner/name` with no leading `/` or `.`: a Hub id rather than a local directory.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,7 +403,10 @@ def _map_ids(ids: Sequence[int], table: torch.Tensor, side: str) -> list[int]:
     for token in ids:
         value = int(table[token]) if 0 <= token < table.shape[0] else -1
         if value < 0:
-            raise ValueError(f"{side} token id {token} has no counterpart in the shared vocabulary")
+            raise ValueError(
+                f"{side} token id {token} has no counterpart in the shared vocabulary; map only ids "
+                "listed by `VocabularyMapping.shared_pairs()`"
+            )
         mapped.append(value)
     return mapped
 
@@ -451,53 +461,54 @@ def check_draft_tokenizer(
 class ReencodingStatistics:
     """Text re-encoding from draft tokens to target tokens with one look-behind window.
 
+    Two ways of streaming are measured. ``append`` never changes committed target tokens, like
+    the candidates of ``TextReencodingDrafter``. A step encodes the text of the last w tokens
+    plus the new text and appends what follows those w tokens. When the w tokens came out
+    different, it encodes the new text on its own. ``revise`` replaces the last w tokens by
+    the re-encoding, as the drafter does for the draft's own context.
+
     Attributes:
-        lookbehind: committed target tokens re-encoded together with the new text.
+        lookbehind: w, the committed target tokens re-encoded together with the new text.
         num_texts: texts streamed.
         num_steps: chunks of new text appended (one per drafting round).
-        boundary_changes: steps where encoding the whole text so far moved a boundary inside
-            the text committed before the step (the same for every window).
-        fallbacks: steps where the re-encoded window no longer started with the committed
-            tokens, so the new text was encoded on its own (0 for window 0, which never checks).
-        streamed_tokens: target tokens produced by streaming.
+        boundary_changes: steps where encoding the whole text so far moved a boundary before
+            the last token of the text committed before the step (the same for every window).
+        window_changes: steps where re-encoding the window's text plus the new text changed
+            the window's tokens (always 0 for w = 0), in ``append`` streaming.
         canonical_tokens: target tokens of encoding each whole text at once.
-        misplaced_boundaries: token boundaries of the streamed ids that the canonical encoding
-            does not have.
-        exact_texts: texts whose streamed ids equal the canonical encoding.
+        streamed_tokens, revised_tokens: target tokens after ``append`` / ``revise`` streaming.
+        misplaced_boundaries, revised_misplaced_boundaries: token boundaries of the streamed ids
+            that the canonical encoding does not have.
+        exact_texts, revised_exact_texts: texts whose streamed ids equal the canonical encoding.
     """
 
     lookbehind: int
     num_texts: int
     num_steps: int
     boundary_changes: int
-    fallbacks: int
-    streamed_tokens: int
+    window_changes: int
     canonical_tokens: int
+    streamed_tokens: int
     misplaced_boundaries: int
     exact_texts: int
-
-    @property
-    def boundary_change_rate(self) -> float:
-        return self.boundary_changes / self.num_steps if self.num_steps else math.nan
-
-    @property
-    def fallback_rate(self) -> float:
-        return self.fallbacks / self.num_steps if self.num_steps else math.nan
-
-    @property
-    def misplaced_boundary_rate(self) -> float:
-        """Misplaced boundaries per streamed token."""
-        return self.misplaced_boundaries / self.streamed_tokens if self.streamed_tokens else math.nan
-
-    @property
-    def exact_text_rate(self) -> float:
-        return self.exact_texts / self.num_texts if self.num_texts else math.nan
+    revised_tokens: int
+    revised_misplaced_boundaries: int
+    revised_exact_texts: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "boundary_change_rate": self.boundary_change_rate,
-                "fallback_rate": self.fallback_rate,
-                "misplaced_boundary_rate": self.misplaced_boundary_rate,
-                "exact_text_rate": self.exact_text_rate}
+        """Return the counts plus rates: per step, per streamed token and per text."""
+        def rate(count: int, total: int) -> float:
+            return count / total if total else math.nan
+
+        return {
+            **dataclasses.asdict(self),
+            "boundary_change_rate": rate(self.boundary_changes, self.num_steps),
+            "window_change_rate": rate(self.window_changes, self.num_steps),
+            "misplaced_boundary_rate": rate(self.misplaced_boundaries, self.streamed_tokens),
+            "revised_misplaced_boundary_rate": rate(self.revised_misplaced_boundaries, self.revised_tokens),
+            "exact_text_rate": rate(self.exact_texts, self.num_texts),
+            "revised_exact_text_rate": rate(self.revised_exact_texts, self.num_texts),
+        }
 
 
 def _text_chunks(ids: Sequence[int], inventory: VocabularyInventory, chunk_size: int) -> list[str]:
@@ -530,6 +541,30 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def _stream(chunks: Sequence[str], tokenizer, inventory: VocabularyInventory, window: int,
+            revise: bool) -> tuple[list[int], int]:
+    """Encode `chunks` one after another with a look-behind window (see ``ReencodingStatistics``).
+
+    Returns:
+        (ids, window_changes).
+    """
+    streamed: list[int] = []
+    window_changes = 0
+    for chunk in chunks:
+        tail = streamed[len(streamed) - window:] if window else []
+        tail_text = inventory.content_of(tail).decode("utf-8", errors="replace")
+        ids = _encode(tokenizer, tail_text + chunk)
+        if revise:
+            del streamed[len(streamed) - len(tail):]
+            streamed.extend(ids)
+        elif ids[:len(tail)] == tail:
+            streamed.extend(ids[len(tail):])
+        else:
+            window_changes += 1
+            streamed.extend(_encode(tokenizer, chunk))
+    return streamed, window_changes
+
+
 def reencoding_statistics(
     texts: Iterable[str],
     draft_tokenizer,
@@ -540,10 +575,8 @@ def reencoding_statistics(
     """Measure how re-encoding draft text with the target tokenizer moves token boundaries.
 
     Each text is encoded with the draft tokenizer and streamed to the target tokenizer in
-    chunks of `chunk_size` draft tokens, as drafting rounds would produce it. With a window of
-    w tokens a step encodes the text of the last w committed target tokens plus the new text,
-    and keeps the result when it starts with those w tokens (else it encodes the new text on
-    its own), which is what ``TextReencodingDrafter`` does.
+    chunks of `chunk_size` draft tokens, as drafting rounds would produce it, once per window
+    and per way of streaming (see ``ReencodingStatistics``).
 
     Args:
         texts: real text, e.g. benchmark prompts and references.
@@ -560,49 +593,39 @@ def reencoding_statistics(
         raise ValueError(f"`lookbehinds` must be >= 0, got {list(lookbehinds)}")
     draft = vocabulary_inventory(draft_tokenizer)
     target = vocabulary_inventory(target_tokenizer)
-    totals = {window: dict(num_texts=0, num_steps=0, boundary_changes=0, fallbacks=0, streamed_tokens=0,
-                           canonical_tokens=0, misplaced_boundaries=0, exact_texts=0)
-              for window in lookbehinds}
+    fields = [field.name for field in dataclasses.fields(ReencodingStatistics) if field.name != "lookbehind"]
+    totals = {window: dict.fromkeys(fields, 0) for window in lookbehinds}
     for text in texts:
         if not text:
             continue
         chunks = _text_chunks(_encode(draft_tokenizer, text), draft, chunk_size)
-        full_text = "".join(chunks)
-        canonical = _encode(target_tokenizer, full_text)
+        canonical = _encode(target_tokenizer, "".join(chunks))
         canonical_boundaries = _boundaries(canonical, target)
 
-        # Boundary changes depend on the text only: does encoding prefix + chunk keep the
-        # canonical tokens of the prefix?
+        # Does encoding prefix + chunk keep the canonical tokens of the prefix? The prefix's
+        # last token may grow with the new text, so only the earlier ones must stay.
         changes, prefix, prefix_ids = 0, "", []
         for chunk in chunks:
             ids = _encode(target_tokenizer, prefix + chunk)
-            # The last prefix token may grow with the new text, so only earlier ones must stay.
-            kept = prefix_ids[:-1]
-            if ids[:len(kept)] != kept:
+            if ids[:len(prefix_ids) - 1] != prefix_ids[:-1]:
                 changes += 1
             prefix, prefix_ids = prefix + chunk, ids
 
         for window in lookbehinds:
-            streamed: list[int] = []
-            fallbacks = 0
-            for chunk in chunks:
-                tail = streamed[len(streamed) - window:] if window else []
-                tail_text = target.content_of(tail).decode("utf-8", errors="replace")
-                ids = _encode(target_tokenizer, tail_text + chunk)
-                if ids[:len(tail)] == tail:
-                    streamed.extend(ids[len(tail):])
-                else:
-                    fallbacks += 1
-                    streamed.extend(_encode(target_tokenizer, chunk))
+            streamed, window_changes = _stream(chunks, target_tokenizer, target, window, revise=False)
+            revised, _ = _stream(chunks, target_tokenizer, target, window, revise=True)
             record = totals[window]
             record["num_texts"] += 1
             record["num_steps"] += len(chunks)
             record["boundary_changes"] += changes
-            record["fallbacks"] += fallbacks
-            record["streamed_tokens"] += len(streamed)
+            record["window_changes"] += window_changes
             record["canonical_tokens"] += len(canonical)
+            record["streamed_tokens"] += len(streamed)
             record["misplaced_boundaries"] += len(_boundaries(streamed, target) - canonical_boundaries)
             record["exact_texts"] += int(streamed == canonical)
+            record["revised_tokens"] += len(revised)
+            record["revised_misplaced_boundaries"] += len(_boundaries(revised, target) - canonical_boundaries)
+            record["revised_exact_texts"] += int(revised == canonical)
     return [ReencodingStatistics(lookbehind=window, **totals[window]) for window in lookbehinds]
 
 
@@ -738,3 +761,168 @@ def intersection_speculative_generate(
                                   require_chat_template=require_chat_template)
     return speculative_generate(target, None, input_ids, target_tokenizer=target_tokenizer,
                                 draft_tokenizer=draft_tokenizer, drafter=drafter, **generate_kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# MAL of cross-family drafts
+
+
+@dataclasses.dataclass
+class MalRun:
+    """One draft, one way of drafting and one temperature over a list of prompts.
+
+    Attributes:
+        draft: draft name.
+        uag_mode: ``text`` or ``intersection``.
+        temperature: 0 for greedy decoding.
+        num_assistant_tokens: K.
+        max_new_tokens: token budget per prompt.
+        num_prompts: prompts decoded.
+        new_tokens: target tokens generated, over all prompts.
+        target_forward_passes: verification rounds, over all prompts.
+        drafted, accepted: candidate target tokens verified and accepted.
+        mal: mean accepted length, ``new_tokens / target_forward_passes``.
+        wall_time: seconds spent in generation.
+        new_token_ids: the generated ids per prompt.
+    """
+
+    draft: str
+    uag_mode: str
+    temperature: float
+    num_assistant_tokens: int
+    max_new_tokens: int
+    num_prompts: int
+    new_tokens: int
+    target_forward_passes: int
+    drafted: int
+    accepted: int
+    mal: float
+    wall_time: float
+    new_token_ids: list[list[int]]
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else math.nan
+
+
+def measure_mal(
+    target: torch.nn.Module,
+    target_tokenizer,
+    draft: torch.nn.Module,
+    draft_tokenizer,
+    prompts: Sequence[Sequence[int]],
+    uag_mode: str,
+    temperature: float = 0.0,
+    num_assistant_tokens: int = 4,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    draft_name: str = "draft",
+    require_chat_template: bool = True,
+) -> MalRun:
+    """Decode `prompts` with speculative decoding across tokenizers and pool the rounds.
+
+    Args:
+        target, target_tokenizer, draft, draft_tokenizer: the pair.
+        prompts: prompts in target tokens.
+        uag_mode: ``text`` (re-encoding) or ``intersection`` (TLI).
+        temperature: 0 for greedy; > 0 samples (seeded by `seed`).
+        num_assistant_tokens, max_new_tokens: as in ``speculative_generate``.
+        draft_name: name stored in the result.
+        require_chat_template: see ``check_draft_tokenizer``.
+
+    Returns:
+        A ``MalRun``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    drafter = None
+    if uag_mode == "intersection":
+        drafter = IntersectionDrafter(draft, draft_tokenizer, target_tokenizer, SamplingSettings(),
+                                      require_chat_template=require_chat_template)
+    outputs = []
+    for ids in tqdm(prompts, desc=f"{draft_name} {uag_mode} T={temperature}", unit="prompt", leave=False):
+        outputs.append(speculative_generate(
+            target, draft, list(ids), num_assistant_tokens=num_assistant_tokens, max_new_tokens=max_new_tokens,
+            temperature=temperature, target_tokenizer=target_tokenizer, draft_tokenizer=draft_tokenizer,
+            generator=generator, drafter=drafter, uag_mode=uag_mode,
+        ))
+    rounds = [record for output in outputs for record in output.rounds]
+    new_tokens = sum(output.num_new_tokens for output in outputs)
+    passes = sum(record.target_forward_passes for record in rounds)
+    return MalRun(
+        draft=draft_name,
+        uag_mode=uag_mode,
+        temperature=temperature,
+        num_assistant_tokens=num_assistant_tokens,
+        max_new_tokens=max_new_tokens,
+        num_prompts=len(outputs),
+        new_tokens=new_tokens,
+        target_forward_passes=passes,
+        drafted=sum(record.num_drafted for record in rounds),
+        accepted=sum(record.num_accepted for record in rounds),
+        mal=new_tokens / passes if passes else math.nan,
+        wall_time=sum(output.wall_time for output in outputs),
+        new_token_ids=[output.new_token_ids for output in outputs],
+    )
+
+
+def evaluate_cross_family(
+    target_name: str,
+    drafts: Sequence[dict[str, str]],
+    prompts: Sequence[Sequence[int]],
+    out_dir: str | os.PathLike,
+    settings: Sequence[tuple[str, float]] = (("text", 0.0), ("intersection", 0.0), ("text", 1.0),
+                                             ("intersection", 1.0)),
+    num_assistant_tokens: int = 4,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    target=None,
+) -> list[MalRun]:
+    """Measure MAL for each draft and each (uag_mode, temperature), resuming finished runs.
+
+    Each run is written to ``out_dir/<draft>-<mode>-t<temperature>.json``; a file written with
+    the same settings and prompts is read back instead of decoding again. A draft whose path is
+    a missing directory is skipped with a warning.
+
+    Args:
+        target_name: target model name.
+        drafts: ``[{"name": ..., "path": Hub id or model directory}, ...]``.
+        prompts: prompts in target tokens.
+        out_dir: folder for the run files.
+        settings: (uag_mode, temperature) pairs to run for every draft.
+        num_assistant_tokens, max_new_tokens, seed: decoding settings.
+        target: a loaded ``(model, tokenizer)`` pair for `target_name`, to skip loading it.
+
+    Returns:
+        One ``MalRun`` per draft and setting, in order.
+    """
+    from .models import EMBEDDED_MODELS, load_model
+
+    out_dir = Path(out_dir)
+    prompts_digest = hashlib.sha256(json.dumps([list(ids) for ids in prompts]).encode()).hexdigest()[:16]
+    target_model, target_tokenizer = target or load_model(target_name)
+    runs: list[MalRun] = []
+    for entry in drafts:
+        name, path = entry["name"], str(entry["path"])
+        if not Path(path).is_dir() and path not in EMBEDDED_MODELS and not _HUB_ID.fullmatch(path):
+            logger.warning("Skipping draft %s: %s does not exist (run the stage that builds it)", name, path)
+            continue
+        draft_model = draft_tokenizer = None
+        for uag_mode, temperature in settings:
+            record = {"target": target_name, "draft_path": path, "prompts": prompts_digest, "seed": seed}
+            result_path = out_dir / f"{name}-{uag_mode}-t{temperature:g}.json"
+            stored = read_json(result_path)
+            if stored and stored.get("record") == record and stored["run"]["max_new_tokens"] == max_new_tokens \
+                    and stored["run"]["num_assistant_tokens"] == num_assistant_tokens:
+                runs.append(MalRun(**stored["run"]))
+                logger.info("%s: finished earlier, read back", result_path.name)
+                continue
+            if draft_model is None:
+                draft_model, draft_tokenizer = load_model(path)
+            run = measure_mal(target_model, target_tokenizer, draft_model, draft_tokenizer, prompts, uag_mode,
+                              temperature, num_assistant_tokens, max_new_tokens, seed, name)
+            logger.info("%s %s T=%g: MAL %.3f over %d prompts (%.0f s)", name, uag_mode, temperature,
+                        run.mal, run.num_prompts, run.wall_time)
+            atomic_write_json(result_path, {"record": record, "run": dataclasses.asdict(run)})
+            runs.append(run)
+        del draft_model
+    return runs
