@@ -415,8 +415,13 @@ class SharedTokenizerDrafter:
         tokens, distributions = _generate_draft_tokens(
             self.runner, target_ids, max_candidates, self.sampling, self.stop_ids
         )
+        # A draft embedding padded past the target's vocabulary can emit ids the target lacks.
+        for index, token in enumerate(tokens):
+            if token >= target_vocab_size:
+                del tokens[index:], distributions[index:]
+                break
         draft_probs = None
-        if not self.sampling.greedy:
+        if not self.sampling.greedy and distributions:
             draft_probs = _resize_vocab(torch.stack(distributions), target_vocab_size)
         return DraftProposal(
             candidate_ids=tokens,
@@ -493,9 +498,8 @@ class TokenText:
             self.ends.append(len(self.text))
 
     def truncate(self, boundary: int) -> None:
-        """Keep ids[:boundary]; `boundary` must be clean."""
-        if not self.is_clean(boundary):
-            raise ValueError(f"cannot cut token text at boundary {boundary}: it splits a character")
+        """Keep ids[:boundary], moving back to the previous clean boundary if it splits a character."""
+        boundary = self.clean_boundary_before(boundary)
         del self.ids[boundary:], self.ends[boundary:], self.clean[boundary:]
         self.text = self.text[: self.text_end(boundary)]
         self._read_offset = boundary
