@@ -19,6 +19,7 @@ STAGE_MODULES = (
     "sd2_utils.finetune",
     "sd2_utils.prune",
     "sd2_utils.layer_prune",
+    "sd2_utils.evaluate",
 )
 
 
