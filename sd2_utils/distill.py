@@ -840,6 +840,8 @@ def run_distillation(config: DistillConfig, out_dir: str | os.PathLike, model=No
     logger.info("Distilling %d conversations into %s: %d of %d batches already done",
                 len(plan.ids), out_dir, len(plan.batches) - len(pending), len(plan.batches))
     if pending and model is None:
+        # NOTE: the target is loaded on one device (CPU by default); a target too large for
+        # one device, such as a 70B model, needs a multi-device placement that this does not do.
         model, tokenizer = load_model(config.target, dtype=config.dtype)
     for index in tqdm(pending, desc="distill batches", unit="batch"):
         batch = plan.batches[index]
