@@ -1,7 +1,7 @@
 """Tests for `sd2_utils.distill`: planning, hygiene, generation, reference mode and resume.
 
 The "target" here is SmolLM2-135M-Instruct with 16 new tokens, so the suite runs in a few
-minutes on 2 CPU cores; the 1.5B target is exercised by the notebook and the benchmark.
+minutes on 2 CPU cores. The notebook and the benchmark run the 1.5B target.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sd2_utils.distill import DistillConfig, HeldOutIndex
 
 TARGET = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MAX_NEW_TOKENS = 16
-# Real ShareGPT conversations with short prompts: two of them have two user turns.
+# Real ShareGPT conversations with short prompts, each with at least two user turns.
 SHAREGPT_IDS = ("sharegpt-yn2eWCt_0", "sharegpt-VY7cMKG_0", "sharegpt-wNBG8Gp_51")
 GSM8K_TRAIN_INDICES = (0, 1, 2, 3, 4, 5)
 
@@ -151,7 +151,7 @@ def test_plan_same_seed_same_batches(tokenizer, held_out):
 # Held-out hygiene
 
 
-def test_held_out_index_finds_reformatted_and_contained_prompts():
+def test_held_out_index_reformatted_and_contained():
     spec_bench_prompt = data.load_spec_bench()[0]["turns"][0]["content"]
     gsm8k_test_question = data.load_gsm8k("test")[5]["turns"][0]["content"]
     index = HeldOutIndex(distill.held_out_prompts())
@@ -161,7 +161,7 @@ def test_held_out_index_finds_reformatted_and_contained_prompts():
     assert index.find("Write a haiku about compilers.") is None
 
 
-def test_plan_held_out_overlap_left_out_and_reported(tokenizer, held_out):
+def test_plan_held_out_overlap_reported(tokenizer, held_out):
     mt_bench = data.load_mt_bench()[3]
     gsm8k_test = data.load_gsm8k("test")[0]
     rows = [
@@ -264,7 +264,7 @@ def test_distill_batch_later_turn_sees_target_answer(target, sharegpt_rows):
     assert record["turns"][1]["content"] != conversation["turns"][1]["content"]
     assert record["original_responses"] == [conversation["turns"][1]["content"],
                                             conversation["turns"][3]["content"]]
-    # The second prompt holds the target's first answer, not the original one.
+    # The second prompt contains the target's first answer, not the original one.
     expected_second = distill._template_ids(tokenizer, record["turns"][:3])
     assert record["prompt_tokens"][1] == len(expected_second)
     assert record["response_modes"] == ["regenerate", "regenerate"]
