@@ -1,4 +1,4 @@
-"""Model adapter: the one place that knows where a causal LM keeps its decoder blocks.
+"""Model adapter: the one module that locates a causal LM's decoder blocks.
 
 Pruning, layer pruning and the masks of sparse fine-tuning all ask the same questions of a
 model: which modules are the decoder layers, which ``nn.Linear`` modules each layer holds, where
@@ -22,7 +22,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-# Attribute names of the final norm in the module that holds the decoder layers: `norm` in
+# Attribute names of the final norm in the module that contains the decoder layers: `norm` in
 # Llama, Qwen2, Gemma3 and Mistral; `final_layernorm` in Phi; `ln_f` in GPT-2 style models.
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f")
 
@@ -175,9 +175,9 @@ def capture_layer_inputs(
         samples: token ids, each of shape ``[seq_len]`` (one sequence, no padding).
 
     Returns:
-        (hidden_states, layer_kwargs): ``hidden_states[s]`` is the input of layer 0 for sample
-        `s`, shape ``[1, seq_len, hidden_size]``; ``layer_kwargs[s][i]`` are the keyword
-        arguments of layer `i` for sample `s` (tensors shared between layers are stored once).
+        (hidden_states, layer_kwargs). ``hidden_states[s]`` is the input of layer 0 for sample
+        `s`, shape ``[1, seq_len, hidden_size]``. ``layer_kwargs[s][i]`` are the keyword
+        arguments of layer `i` for sample `s`. Tensors shared between layers are stored once.
     """
     layers = decoder_layers(model)
     norm = final_norm(model)

@@ -2,9 +2,9 @@
 
 A calibration source is either a distilled folder (the ``--out`` of ``sd2 distill``, read with
 ``sd2_utils.distill.load_distilled``) or a data set name (``sharegpt``, ``gsm8k``). Each
-conversation is rendered through the draft's chat template (plain text joined by blank lines
-for a tokenizer without one, such as a base model), the token ids of successive conversations
-are concatenated, and the stream is cut into samples of exactly ``max_seq_length`` tokens.
+conversation is rendered through the draft's chat template. A tokenizer without one (a base
+model) gets the turns joined by blank lines. The token ids of successive conversations are
+concatenated, and the stream is cut into samples of exactly ``max_seq_length`` tokens.
 
 Calibration takes conversations from the start of the source and held-out samples from its
 end, so the two never share a conversation while the source is large enough for both.
@@ -53,8 +53,8 @@ def load_conversations(source: str | os.PathLike) -> tuple[list[list[dict]], dic
         from .data import load_sharegpt
 
         rows = load_sharegpt(seed=SHAREGPT_SEED).shuffle(seed=SHAREGPT_SEED)
-        # The parsed file stays in a cache of `sd2_utils.data` (about 1 GiB of Python objects);
-        # pruning needs only the token samples, so release it before the model is loaded.
+        # The parsed file stays in a cache of `sd2_utils.data`, which can grow to about 1 GiB of
+        # Python objects (an estimate). Pruning needs only the token samples, so release it.
         from .data import _parse_sharegpt
 
         _parse_sharegpt.cache_clear()
@@ -81,7 +81,7 @@ def load_conversations(source: str | os.PathLike) -> tuple[list[list[dict]], dic
 
 
 def render_conversation(tokenizer, turns: Sequence[dict]) -> str:
-    """Render turns as the model sees them: its chat template, or blank-line-joined text."""
+    """Render turns as the model receives them: its chat template, or blank-line-joined text."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(list(turns), tokenize=False)
     return "\n\n".join(turn["content"] for turn in turns)

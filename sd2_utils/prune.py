@@ -1,14 +1,17 @@
 """One-shot pruning of a draft: SparseGPT, Wanda and magnitude; ``sd2 prune``.
 
-Every ``nn.Linear`` inside the decoder layers is pruned; embeddings and ``lm_head`` stay dense
+Every ``nn.Linear`` inside the decoder layers is pruned. Embeddings and ``lm_head`` stay dense
 unless ``include_lm_head`` is set. Pruning is sequential: calibration inputs are recorded at
 the first decoder layer, and after each layer is pruned its outputs (computed with the pruned
-weights) become the inputs of the next, so every layer sees the errors of the layers before
-it. Within a layer, each linear layer's Hessian comes from the dense layer's inputs.
-The math for one linear layer, and the granularity at which each method's sparsity is exact,
-is in ``sd2_utils.sparsity``.
+weights) become the inputs of the next. So every layer is calibrated on the errors of the
+layers before it. Within a layer, each linear layer's Hessian comes from the dense layer's
+inputs. The math for one linear layer, and the granularity at which each method's sparsity is
+exact, is in ``sd2_utils.sparsity``.
 
-A pruned draft folder holds:
+Sparse fine-tuning keeps the mask with ``load_sparsity_manifest(folder)``, ``load_masks(folder)``
+(the masks pruning chose) or ``compute_masks(model, manifest)`` (``weight != 0`` now).
+
+A pruned draft folder contains:
 
 - the model in the Hugging Face layout (``config.json``, ``model.safetensors``, tokenizer), so
   ``AutoModelForCausalLM.from_pretrained(folder)`` loads it anywhere;

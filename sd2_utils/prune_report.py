@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from .calibration import fingerprint as calibration_fingerprint
 from .calibration import perplexity
 from .io import atomic_write_json, read_json
 
@@ -56,13 +57,15 @@ def layer_table(manifest: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _cached(cache_path: Path, key: str, measure) -> dict[str, Any]:
+def _cached(cache_path: Path, key: str, fingerprint: str, measure) -> dict[str, Any]:
+    """Return the cached entry for `key` if it was measured on the same samples, else measure."""
     cache = read_json(cache_path, default={}) or {}
-    if key in cache:
+    if key in cache and cache[key].get("fingerprint") == fingerprint:
         return cache[key]
     started = time.perf_counter()
     entry = measure()
     entry["seconds"] = round(time.perf_counter() - started, 1)
+    entry["fingerprint"] = fingerprint
     cache = read_json(cache_path, default={}) or {}
     cache[key] = entry
     atomic_write_json(cache_path, cache)
@@ -81,7 +84,8 @@ def draft_perplexity(
         return {"perplexity": perplexity(model, heldout), "macs_per_token": count_macs(model).total,
                 "source": str(directory)}
 
-    return _cached(Path(cache_path), key, measure)
+    fingerprint = calibration_fingerprint(heldout) + f"|{directory}"
+    return _cached(Path(cache_path), key, fingerprint, measure)
 
 
 def baseline_perplexity(
@@ -96,6 +100,7 @@ def baseline_perplexity(
     """Prune `model_name` in memory with a baseline method and measure its perplexity.
 
     Baselines are not saved: only their perplexity and mean reconstruction error are kept.
+    Magnitude pruning ignores `samples`, so it reports no reconstruction error.
     """
     from .metrics import count_macs
     from .models import load_model
@@ -104,9 +109,13 @@ def baseline_perplexity(
     def measure():
         model, _ = load_model(model_name)
         settings = resolve_settings(method, None if pattern else 0.5, pattern)
-        results = prune_model(model, samples, settings)
-        errors = [entry["reconstruction_error"] for entry in results.values()]
+        results = prune_model(model, None if method == "magnitude" else samples, settings)
+        errors = [entry["reconstruction_error"] for entry in results.values()
+                  if entry["reconstruction_error"] is not None]
         return {"perplexity": perplexity(model, heldout), "macs_per_token": count_macs(model).total,
-                "mean_reconstruction_error": sum(errors) / len(errors), "source": "in memory"}
+                "mean_reconstruction_error": sum(errors) / len(errors) if errors else None,
+                "num_calibration_samples": 0 if method == "magnitude" else len(samples),
+                "source": "in memory"}
 
-    return _cached(Path(cache_path), key, measure)
+    fingerprint = calibration_fingerprint(heldout) + "|" + calibration_fingerprint(samples)
+    return _cached(Path(cache_path), key, fingerprint, measure)

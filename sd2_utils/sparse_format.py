@@ -4,11 +4,11 @@ Layout of a compressed draft folder (``save_compressed``):
 
 - ``config.json``, ``generation_config.json`` and the tokenizer files, as ``save_pretrained``
   writes them;
-- ``model.sparse_bitmask.safetensors``: for every 2-D weight with at least one zero, three
-  tensors ``<name>.values`` (the nonzero entries in row-major order, original dtype),
-  ``<name>.bitmask`` (uint8 ``[rows, ceil(columns / 8)]``, bit ``j % 8`` of byte ``j // 8`` set
-  when column ``j`` is nonzero) and ``<name>.shape`` (int64 ``[2]``); every other tensor is
-  stored dense under its own name. Tensors tied to another (a tied ``lm_head``) are stored once;
+- ``model.sparse_bitmask.safetensors``: every 2-D weight with at least one zero is stored as
+  three tensors. ``<name>.values`` contains the nonzero entries in row-major order (original
+  dtype). ``<name>.bitmask`` is uint8 ``[rows, ceil(columns / 8)]``, with bit ``j % 8`` of byte
+  ``j // 8`` set when column ``j`` is nonzero. ``<name>.shape`` is int64 ``[2]``. Every other
+  tensor is stored dense under its own name, and tied tensors (a tied ``lm_head``) once;
 - ``sparse_format.json``: format name and version, the compressed tensor names and the tied
   aliases.
 
@@ -140,7 +140,7 @@ def load_compressed(directory: str | os.PathLike, dtype: torch.dtype | None = No
 
     Raises:
         FileNotFoundError: the folder lacks ``sparse_format.json``.
-        ValueError: the folder holds another format, or tensors are missing or unexpected.
+        ValueError: the folder contains another format, or tensors are missing or unexpected.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -1,6 +1,6 @@
 """Pruning math for one linear layer: masks, SparseGPT, the Hessian and reconstruction error.
 
-Tensors in, tensors out: nothing here knows about models, data or files (``prune.py`` drives
+Tensors in, tensors out: nothing here reads models, data or files (``prune.py`` drives
 these functions layer by layer).
 
 Notation (Frantar and Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately
@@ -173,7 +173,7 @@ def accumulate_hessian(hessian: torch.Tensor, inputs: torch.Tensor, num_tokens: 
     """Add a batch of layer inputs to a running mean of ``X X^T``.
 
     Args:
-        hessian: ``[columns, columns]`` float32, updated in place; it holds the mean of
+        hessian: ``[columns, columns]`` float32, updated in place. It contains the mean of
             ``x x^T`` over the `num_tokens` tokens seen so far.
         inputs: ``[..., columns]``, the inputs of the linear layer.
         num_tokens: tokens already in `hessian`.
@@ -251,9 +251,9 @@ def sparsegpt(
     """Prune `weight` with SparseGPT (Frantar and Alistarh 2023, Algorithm 1).
 
     Columns are visited left to right in blocks of `block_size`. For each block the mask is
-    chosen by the saliency ``w^2 / [H^-1]_jj^2`` (for N:M, per group of M columns when the
-    sweep reaches the group), each pruned weight's error is spread over the not yet visited
-    columns of its row through the inverse Hessian, and the block's accumulated error updates
+    chosen by the saliency ``w^2 / [H^-1]_jj^2``, or per group of M columns when the sweep
+    reaches the group for N:M. Each pruned weight's error is spread over the not yet visited
+    columns of its row through the inverse Hessian. The block's accumulated error then updates
     the later blocks in one matrix product (the lazy batch update).
 
     Args:
@@ -301,33 +301,35 @@ def _sparsegpt_sweep(
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
         count = end - start
-        block = work[:, start:end].clone()  # [rows, count]
+        # The block is transposed to [count, rows] so that each column is contiguous in memory.
+        block = work[:, start:end].t().contiguous()
         block_inverse = inverse_factor[start:end, start:end]  # [count, count]
-        block_errors = torch.zeros_like(block)
-        block_pruned = torch.zeros_like(block, dtype=torch.bool)
+        block_errors = torch.zeros_like(block)  # [count, rows]
         diagonal = torch.diagonal(block_inverse)
 
         if pattern is None:
             # Exact per layer: prune round(s * rows * end) - round(s * rows * start) here.
             quota = round(sparsity * rows * end) - round(sparsity * rows * start)
-            block_pruned = _lowest_mask(block**2 / diagonal.reshape(1, -1) ** 2, quota)
+            block_pruned = _lowest_mask(block**2 / diagonal.reshape(-1, 1) ** 2, quota)
+        else:
+            block_pruned = torch.zeros_like(block, dtype=torch.bool)
+        # error = w / [H^-1]_jj for a pruned weight and 0 for a kept one: one multiplication.
+        scale = block_pruned / diagonal.reshape(-1, 1)  # [count, rows]
 
         for column in range(count):
-            values = block[:, column]
-            pivot = block_inverse[column, column]
             if pattern is not None and column % pattern[1] == 0:
                 group = slice(column, column + pattern[1])
-                saliency = block[:, group] ** 2 / diagonal[group].reshape(1, -1) ** 2
-                block_pruned[:, group] = nm_pruned(saliency, pattern)
-            kept = values.masked_fill(block_pruned[:, column], 0.0)
-            error = (values - kept) / pivot  # [rows]
-            block[:, column:] -= error.unsqueeze(1) @ block_inverse[column, column:].unsqueeze(0)
-            block[:, column] = kept
-            block_errors[:, column] = error
+                saliency = block[group] ** 2 / diagonal[group].reshape(-1, 1) ** 2  # [m, rows]
+                block_pruned[group] = nm_pruned(saliency.t(), pattern).t()
+                scale[group] = block_pruned[group] / diagonal[group].reshape(-1, 1)
+            error = block_errors[column]  # [rows]
+            torch.mul(block[column], scale[column], out=error)
+            # Spread the error over this and the later columns of the block (the row of H^-1).
+            block[column:].addr_(block_inverse[column, column:], error, alpha=-1.0)
 
-        work[:, start:end] = block
-        pruned[:, start:end] = block_pruned
-        work[:, end:] -= block_errors @ inverse_factor[start:end, end:]
+        work[:, start:end] = block.t()
+        pruned[:, start:end] = block_pruned.t()
+        work[:, end:] -= block_errors.t() @ inverse_factor[start:end, end:]
 
     work[pruned] = 0.0
     return work.to(weight.dtype), ~pruned, dampening_used
