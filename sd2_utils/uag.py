@@ -474,7 +474,8 @@ class ReencodingStatistics:
         boundary_changes: steps where encoding the whole text so far moved a boundary before
             the last token of the text committed before the step (the same for every window).
         window_changes: steps where re-encoding the window's text plus the new text changed
-            the window's tokens (always 0 for w = 0), in ``append`` streaming.
+            the window's tokens (always 0 for w = 0), in ``append`` streaming. A misplaced
+            boundary counts again at every step until it leaves the window.
         canonical_tokens: target tokens of encoding each whole text at once.
         streamed_tokens, revised_tokens: target tokens after ``append`` / ``revise`` streaming.
         misplaced_boundaries, revised_misplaced_boundaries: token boundaries of the streamed ids
@@ -693,6 +694,7 @@ class IntersectionDrafter(TextReencodingDrafter):
         probs[:, self._target_ids[inside]] = stacked[:, self._draft_ids[inside]]
         return probs
 
+    @torch.no_grad()
     def propose(self, target_ids: list[int], max_candidates: int, target_vocab_size: int) -> DraftProposal:
         """Draft up to `max_candidates` shared tokens after `target_ids`, returned as target ids."""
         started = time.perf_counter()
