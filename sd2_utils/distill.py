@@ -130,7 +130,10 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    """Settings of one distillation run; every field changes the data, so all are fingerprinted.
+    """Settings of one distillation run, all fingerprinted because each can change the data.
+
+    The batch size is included too: padding changes bfloat16 rounding and the sampling
+    seeds follow the batches.
 
     Args:
         target: target model name (Hub id or local directory, see ``sd2_utils.models``).
@@ -141,7 +144,9 @@ class DistillConfig:
         seed: seed of the conversation draw and of sampling.
         batch_size: conversations generated together (left padding, sorted by prompt length).
         dtype: ``bfloat16`` or ``float32``.
-        max_prompt_tokens: templated prompts longer than this are skipped and counted.
+        max_prompt_tokens: a conversation whose first templated prompt is longer is skipped
+            and counted. A later turn over the limit ends the conversation there
+            (``turns_dropped_reason = "prompt_too_long"``).
         max_turns: user turns answered per conversation, from the first.
         temperature: 0 for greedy decoding, else the sampling temperature.
     """
