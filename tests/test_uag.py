@@ -182,7 +182,8 @@ def test_reencoding_statistics_on_spec_bench(qwen, smollm):
     # Re-encoding a few tokens back and replacing them restores the canonical boundaries.
     assert stats[10].revised_misplaced_boundaries < stats[0].revised_misplaced_boundaries
     assert stats[10].revised_exact_texts > stats[0].revised_exact_texts
-    # A wider window is cut mid-word more often, so its own tokens change more often.
+    # A misplaced boundary committed earlier stays inside a wider window for more steps, and
+    # each re-encoding of the window moves it again.
     assert stats[10].window_changes > stats[1].window_changes > 0
 
 
@@ -245,14 +246,14 @@ def test_intersection_drafts_only_shared_tokens(qwen, smollm):
     assert all(shared_targets[token] for token in proposal.candidate_ids)
     assert proposal.draft_probs.shape == (4, vocab_size)
     assert torch.allclose(proposal.draft_probs.sum(dim=-1), torch.ones(4))
-    assert float(proposal.draft_probs[:, ~shared_targets].sum()) == 0.0
+    assert float(proposal.draft_probs[:, ~shared_targets].sum().detach()) == 0.0
 
 
 def test_intersection_sampling_follows_target_distribution(qwen, smollm):
-    """First emitted token over 300 TLI rounds against the target's own sampling distribution.
+    """First emitted token over 200 TLI rounds against the target's own sampling distribution.
 
     Each round runs the real drafter (restricted sampling, id mapping, q in the target's
-    vocabulary) and the engine's verification; target logits are computed once per distinct
+    vocabulary) and the engine's verification. Target logits are computed once per distinct
     candidate, because row 0 depends on the prompt alone.
     """
     target, target_tokenizer = qwen
@@ -264,7 +265,7 @@ def test_intersection_sampling_follows_target_distribution(qwen, smollm):
     verifier = CachedModel(target)
     target_probs = {}
     counts = torch.zeros(vocab_size)
-    num_samples = 300
+    num_samples = 200
     with torch.inference_mode():
         for _ in range(num_samples):
             proposal = drafter.propose(ids, 1, vocab_size)
@@ -286,6 +287,8 @@ def test_intersection_sampling_follows_target_distribution(qwen, smollm):
 
     # The draft's own distribution is far from the target's, so a verification that kept
     # the draft's tokens would fail both checks below.
-    assert 0.5 * float((draft_only - expected).abs().sum()) > 0.3
-    assert 0.5 * float((observed - expected).abs().sum()) < 0.1
-    assert chi_square < CHI_SQUARE_5_DF_P001
+    draft_distance = 0.5 * float((draft_only - expected).abs().sum())
+    observed_distance = 0.5 * float((observed - expected).abs().sum())
+    assert draft_distance > 0.3, f"draft and target too close to test: {draft_only} vs {expected}"
+    assert observed_distance < 0.1, f"observed {observed.tolist()} vs target {expected.tolist()}"
+    assert chi_square < CHI_SQUARE_5_DF_P001, f"observed {observed.tolist()} vs target {expected.tolist()}"
