@@ -404,3 +404,17 @@ def test_cli_resume_after_kill(tmp_path):
     assert len(ids) == len(set(ids)) == len(GSM8K_TRAIN_INDICES)
     assert (out / first_shard).read_bytes() == first_bytes  # finished work is not redone
     assert not list(out.glob(".*.tmp"))
+
+
+def test_cli_other_settings_clean_error(finished_run, capsys):
+    from sd2_utils import cli
+
+    config, out, _ = finished_run
+    status = cli.main(["distill", "--target", config.target, "--dataset", config.dataset,
+                       "--max-new-tokens", "32", "--batch-size", str(config.batch_size),
+                       "--dtype", config.dtype, "--out", str(out)])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert error.startswith("sd2 distill: error: ")
+    assert "max_new_tokens: 16 -> 32" in error
+    assert "pass a new --out directory" in error
