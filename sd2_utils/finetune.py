@@ -11,7 +11,7 @@ How the mask is held:
 - the masks are the ones pruning chose (``sparsity_masks.safetensors`` beside
   ``sparsity_manifest.json``; see ``sd2_utils.prune``), checked against the weights on load;
 - gradients of pruned weights are zeroed as they are computed (a tensor hook, so gradient
-  clipping sees the masked norm) and again just before the optimizer step (covers wrappers
+  clipping uses the masked norm) and again just before the optimizer step (covers wrappers
   whose sharded parameters get their gradients assigned rather than accumulated, as in FSDP2);
 - the weights are re-masked right after each optimizer step, so no optimizer state (momentum,
   weight decay) can move a pruned weight away from zero.
@@ -161,8 +161,8 @@ def load_training_conversations(data: Sequence[str | os.PathLike]) -> list[list[
         assistant turn.
 
     Raises:
-        FileNotFoundError: a folder does not exist or holds no distillation manifest.
-        ValueError: a folder holds no kept distilled records with assistant turns.
+        FileNotFoundError: a folder does not exist or has no distillation manifest.
+        ValueError: a folder contains no kept distilled records with assistant turns.
     """
     from .distill import MANIFEST_NAME, load_distilled
 
@@ -175,21 +175,21 @@ def load_training_conversations(data: Sequence[str | os.PathLike]) -> list[list[
             )
         if not (directory / MANIFEST_NAME).is_file():
             raise FileNotFoundError(
-                f"data folder {str(directory)!r} holds no distilled records (no {MANIFEST_NAME}); "
+                f"data folder {str(directory)!r} contains no distilled records (no {MANIFEST_NAME}); "
                 f"pass the --out folder of `sd2 distill`, or run `sd2 distill --out {directory}`"
             )
         try:
             rows = load_distilled(directory)
         except ValueError as error:
             raise ValueError(
-                f"data folder {str(directory)!r} holds no distilled records to train on ({error}); "
+                f"data folder {str(directory)!r} contains no distilled records to train on ({error}); "
                 f"run `sd2 distill` to completion or pass another folder"
             ) from None
         found = [list(row["turns"]) for row in rows
                  if any(turn["role"] == "assistant" for turn in row["turns"])]
         if not found:
             raise ValueError(
-                f"data folder {str(directory)!r} holds no distilled records with assistant turns; "
+                f"data folder {str(directory)!r} contains no distilled records with assistant turns; "
                 f"run `sd2 distill` to completion or pass another folder"
             )
         logger.info("Read %d distilled conversations from %s", len(found), directory)
@@ -198,7 +198,7 @@ def load_training_conversations(data: Sequence[str | os.PathLike]) -> list[list[
 
 
 def render_with_assistant_spans(tokenizer, turns: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation as the draft sees it and locate each assistant response in the text.
+    """Render a conversation in the draft's input format and locate each assistant response in the text.
 
     With a chat template, the span of assistant turn ``i`` runs from the end of the prompt that
     asks for it (turns before ``i`` plus the generation prompt) to the end of the conversation
@@ -382,7 +382,7 @@ def load_draft_masks(model_dir: str | os.PathLike, model: nn.Module) -> tuple[di
 
     Raises:
         ValueError: the manifest does not match the weights: a pruned layer is missing, a
-            shape differs, a position that pruning chose holds a nonzero weight, or the
+            shape differs, a position that pruning chose has a nonzero weight, or the
             sparsity of a layer's pruning mask differs from the manifest's.
     """
     from .prune import MANIFEST_NAME, MASKS_NAME, compute_masks, load_masks, load_sparsity_manifest
@@ -601,7 +601,7 @@ def _prepare_output(config: FinetuneConfig, out: Path, fingerprint: str) -> Path
         return None
     if not config.resume:
         raise ValueError(
-            f"output folder {str(out)!r} holds checkpoints of an earlier run; pass --resume to "
+            f"output folder {str(out)!r} contains checkpoints of an earlier run; pass --resume to "
             f"continue it, or --overwrite to start again"
         )
     if recorded["fingerprint"] != fingerprint:
@@ -691,7 +691,7 @@ def finetune(config: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str,
             logger.info("Reusing the fine-tuned draft at %s (pass overwrite to train again)", out)
             return finished
         raise ValueError(
-            f"output folder {str(out)!r} holds a finished run with other settings; pass "
+            f"output folder {str(out)!r} contains a finished run with other settings; pass "
             f"--overwrite to replace it, or choose another --out"
         )
     resume_from = _prepare_output(config, out, fingerprint)
@@ -709,7 +709,7 @@ def finetune(config: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str,
         conversations = conversations[: config.num_samples]
     if config.num_heldout >= len(conversations):
         raise ValueError(
-            f"invalid num_heldout={config.num_heldout}: the data holds {len(conversations)} "
+            f"invalid num_heldout={config.num_heldout}: the data contains {len(conversations)} "
             f"conversations, and at least one must remain for training"
         )
     split = len(conversations) - config.num_heldout
@@ -737,8 +737,10 @@ def finetune(config: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str,
     if trainer.is_world_process_zero():
         atomic_write_json(checkpoints / SETTINGS_NAME, {"fingerprint": fingerprint, "settings": settings})
     logger.info("Training with world size %d", arguments.world_size)
+    resumed_tokens = 0
     if resume_from is not None:
         logger.info("Resuming from %s", resume_from)
+        resumed_tokens = int(read_json(resume_from / "trainer_state.json").get("num_input_tokens_seen", 0))
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.save_model(str(out))
     # Every process runs this forward pass, because a sharded (FSDP) model needs all of them.
@@ -748,7 +750,8 @@ def finetune(config: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str,
     summary = None
     if trainer.is_world_process_zero():
         summary = _finish(config, source, out, trainer, result, masks, manifest, sparsity_before,
-                          perplexity_before, perplexity_after, fingerprint, supervised_tokens, started)
+                          perplexity_before, perplexity_after, fingerprint, supervised_tokens, started,
+                          resumed_tokens)
     trainer.accelerator.wait_for_everyone()
     return summary if summary is not None else read_json(out / SUMMARY_NAME)
 
@@ -763,13 +766,13 @@ def saved_weights(directory: str | os.PathLike, names: Sequence[str]) -> dict[st
     """
     from safetensors import safe_open
 
-    wanted = {f"{name}.weight": name for name in names}
+    key_to_module = {f"{name}.weight": name for name in names}
     found: dict[str, torch.Tensor] = {}
     for path in sorted(Path(directory).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
-                if key in wanted:
-                    found[wanted[key]] = handle.get_tensor(key)
+                if key in key_to_module:
+                    found[key_to_module[key]] = handle.get_tensor(key)
     missing = sorted(set(names) - set(found))
     if missing:
         raise ValueError(f"{directory} has no saved weight for {len(missing)} layers, e.g. {missing[0]}")
@@ -777,7 +780,7 @@ def saved_weights(directory: str | os.PathLike, names: Sequence[str]) -> dict[st
 
 
 def _finish(config, source, out, trainer, result, masks, manifest, sparsity_before, perplexity_before,
-            perplexity_after, fingerprint, supervised_tokens, started) -> dict[str, Any]:
+            perplexity_after, fingerprint, supervised_tokens, started, resumed_tokens) -> dict[str, Any]:
     """Check the saved draft and write the training log, manifest and summary (main process).
 
     The mask check reads the saved safetensors files, so it covers the files a user loads.
@@ -797,8 +800,9 @@ def _finish(config, source, out, trainer, result, masks, manifest, sparsity_befo
         sparsity_after = {name: float((weights[name] == 0).float().mean()) for name in masks}
         del weights
     runtime = float(metrics.get("train_runtime", 0.0))
-    # After a resume, the runtime and the tokens of `metrics` cover the resumed steps only.
-    tokens_this_run = float(metrics.get("num_input_tokens_seen", tokens_seen))
+    # After a resume, the runtime covers the resumed steps only, so the tokens seen before the
+    # checkpoint are left out of the rate.
+    tokens_this_run = tokens_seen - (resumed_tokens or 0)
     summary = {
         "fingerprint": fingerprint,
         "settings": config.settings(),

@@ -127,7 +127,7 @@ def test_supervised_collator_pads_with_ignored_labels():
 
 
 def test_load_training_conversations_folder_without_records(tmp_path):
-    with pytest.raises(FileNotFoundError, match="holds no distilled records \\(no manifest.json\\)"):
+    with pytest.raises(FileNotFoundError, match="contains no distilled records \\(no manifest.json\\)"):
         finetune.load_training_conversations([tmp_path])
 
 
@@ -138,7 +138,7 @@ def test_load_training_conversations_missing_folder(tmp_path):
 
 def test_load_training_conversations_no_kept_records(tmp_path):
     folder = write_distilled_folder(tmp_path / "empty", [])
-    with pytest.raises(ValueError, match="holds no distilled records to train on"):
+    with pytest.raises(ValueError, match="contains no distilled records to train on"):
         finetune.load_training_conversations([folder])
 
 
@@ -182,7 +182,7 @@ def test_finetune_rejects_checkpoints_without_resume(distilled, tmp_path):
     (out / finetune.CHECKPOINTS_DIR / finetune.SETTINGS_NAME).write_text(
         json.dumps({"fingerprint": fingerprint, "settings": config.settings()}))
 
-    with pytest.raises(ValueError, match="holds checkpoints of an earlier run; pass --resume"):
+    with pytest.raises(ValueError, match="contains checkpoints of an earlier run; pass --resume"):
         finetune.finetune(config)
     other = small_config(SMOLLM_ID, distilled, out, learning_rate=1e-3, resume=True)
     with pytest.raises(ValueError, match="written with other settings \\(learning_rate differ\\)"):
