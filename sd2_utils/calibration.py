@@ -173,6 +173,7 @@ def build_calibration(
     record = {
         **description,
         "num_calibration_samples": len(calibration),
+        "num_calibration_samples_requested": num_calibration_samples,
         "max_seq_length": max_seq_length,
         "num_tokens": sum(int(sample.numel()) for sample in calibration),
         "conversations_used": used,

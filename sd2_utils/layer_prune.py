@@ -75,7 +75,7 @@ def measure_layers(model: nn.Module, samples: Sequence[torch.Tensor], show_progr
             last_token[sample_index, index + 1] = output[0, -1].float()
             states = output
         num_tokens += states.shape[1]
-        hidden[sample_index] = None  # free the sample's states as we go
+        hidden[sample_index] = None  # Release each sample's states once its layers have run.
     return {"last_token": last_token, "block_influence": (influence_sum / num_tokens).float()}
 
 

@@ -38,8 +38,10 @@ A pruned draft folder contains:
     larger after a Cholesky retry), ``seconds``;
   - ``overall_sparsity`` (float): pruned fraction over all pruned layers;
   - ``calibration`` (dict or null): ``kind`` (``distilled`` or ``dataset``), ``source``,
-    ``num_calibration_samples``, ``max_seq_length``, ``num_tokens``, ``conversations_used``,
-    ``chat_template`` and ``fingerprint`` (sha256 of the calibration token ids);
+    ``num_calibration_samples`` (built; fewer than requested when the source runs out),
+    ``num_calibration_samples_requested``, ``max_seq_length``, ``num_tokens``,
+    ``conversations_used``, ``chat_template`` and ``fingerprint`` (sha256 of the calibration
+    token ids);
   - ``versions`` (dict): python, torch, transformers, sd2;
   - ``seconds`` (float, whole run) and ``created`` (UTC ISO 8601 time).
 """
@@ -534,7 +536,7 @@ def _same_run(manifest: dict[str, Any], settings: PruneSettings, calibration, nu
     return (
         same_settings
         and recorded["max_seq_length"] == max_seq_length
-        and recorded["num_calibration_samples"] == num_samples
+        and recorded.get("num_calibration_samples_requested", recorded["num_calibration_samples"]) == num_samples
         and _same_source(recorded, calibration)
     )
 

@@ -26,29 +26,31 @@ logger = logging.getLogger(__name__)
 
 
 def calibration_source(run_dir: str | os.PathLike, dataset: str = "sharegpt") -> str:
-    """Return ``RUN_DIR/distill/<dataset>`` when the distillation stage wrote it, else `dataset`.
+    """Return ``RUN_DIR/distill/<dataset>`` when the distillation stage finished it, else `dataset`.
 
-    The choice is logged, because it changes what the pruned drafts were calibrated on.
+    A distilled folder counts as finished once it has ``summary.json``, which ``sd2 distill``
+    writes last. The choice is logged, because it changes what the drafts are calibrated on.
     """
     distilled = Path(run_dir) / "distill" / dataset
-    if distilled.is_dir() and any(distilled.glob("*.jsonl")):
+    if (distilled / "summary.json").is_file():
         logger.info("Calibration: distilled data at %s", distilled)
         return str(distilled)
-    logger.info("Calibration: %s prompts with their original answers (no distilled data at %s)",
-                dataset, distilled)
+    state = "unfinished" if distilled.is_dir() else "missing"
+    logger.info("Calibration: %s conversations with their original assistant turns (distilled data at %s is %s)",
+                dataset, distilled, state)
     return dataset
 
 
 def layer_table(manifest: dict[str, Any]) -> pd.DataFrame:
-    """One row per pruned layer: decoder layer index, module, shape, sparsity, error."""
+    """Tabulate a manifest: one row per pruned linear layer (layer index, module, shape, sparsity, error)."""
     rows = []
     for name, entry in manifest["layers"].items():
         match = re.search(r"\.(\d+)\.(.+)$", name)
         rows.append({
             "layer": int(match.group(1)) if match else -1,
             "module": match.group(2) if match else name,
-            "rows": entry["shape"][0],
-            "columns": entry["shape"][1],
+            "out_features": entry["shape"][0],
+            "in_features": entry["shape"][1],
             "sparsity": entry["sparsity"],
             "reconstruction_error": entry["reconstruction_error"],
             "dampening_frac": entry["dampening_frac"],
