@@ -850,6 +850,15 @@ def _finish(config, source, out, trainer, result, masks, manifest, sparsity_befo
     return summary
 
 
+def recorded_settings(out: str | os.PathLike) -> dict[str, Any] | None:
+    """Return the settings of the run in an output folder (finished or with checkpoints), or None."""
+    out = Path(out)
+    for record in (read_json(out / SUMMARY_NAME), read_json(out / CHECKPOINTS_DIR / SETTINGS_NAME)):
+        if record is not None:
+            return record["settings"]
+    return None
+
+
 def read_training_log(directory: str | os.PathLike) -> list[dict]:
     """Read ``training_log.json`` of a fine-tuned draft: one entry per step."""
     log = read_json(Path(directory) / TRAINING_LOG_NAME)

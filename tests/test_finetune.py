@@ -276,6 +276,7 @@ def test_finetune_output_loads_and_is_reused(unstructured_run):
     assert model.config.model_type == "llama"
     assert tokenizer.chat_template
     assert not (Path(config.out) / finetune.CHECKPOINTS_DIR).exists()
+    assert finetune.recorded_settings(config.out) == config.settings()
     assert finetune.finetune(config) == summary  # a finished folder is reused
 
 
