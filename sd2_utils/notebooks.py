@@ -36,6 +36,8 @@ RUNS_DIR = PROJECT_ROOT / "data" / "runs"
 NOTEBOOK_PATTERN = re.compile(r"^\d\d_[a-z0-9_]+\.ipynb$")
 # Keys of a profile file that describe the profile rather than a notebook.
 PROFILE_META_KEYS = ("description", "expected_runtime", "notebooks")
+# Parameters the runner adds to every notebook that declares them.
+RUNNER_PARAMETERS = ("RESULTS_DIR",)
 
 
 class NotebookExecutionError(RuntimeError):
@@ -112,6 +114,10 @@ def run_notebook(
     from nbclient.exceptions import DeadKernelError
 
     output_path.parent.mkdir(parents=True, exist_ok=True)
+    declared = papermill.inspect_notebook(str(notebook))
+    # RESULTS_DIR goes only to notebooks that declare it, so papermill's warning about unknown
+    # parameters still flags a misspelled key in a profile.
+    parameters = {k: v for k, v in parameters.items() if k in declared or k not in RUNNER_PARAMETERS}
     saved = {key: os.environ.get(key) for key in environment}
     os.environ.update(environment)  # The kernel inherits the runner's environment.
     try:
