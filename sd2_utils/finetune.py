@@ -22,6 +22,13 @@ DeepSpeed ZeRO-1/2 runs the same code (configs in ``configs/accelerate/``)::
     accelerate launch --config_file configs/accelerate/fsdp.yaml -m sd2_utils.finetune \\
         --model DRAFT_DIR --data DISTILL_DIR --out OUT_DIR --max-steps 1000
 
+Several CPU processes (DDP over gloo, as the tests run it) start with torchrun::
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m sd2_utils.finetune --threads 1 ...
+
+With accelerate 1.16 and no MPI installed, ``accelerate launch --cpu --num_processes 2``
+started only one process (world size 1), so use torchrun on CPU.
+
 Each distilled conversation is rendered with the draft's own chat template and tokenized with
 the draft's tokenizer (the text is re-tokenized, so a draft from another family, such as
 SmolLM2 for a Qwen target, trains the same way); the loss covers only the assistant tokens.
