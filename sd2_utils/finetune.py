@@ -8,11 +8,12 @@ without a mask.
 
 How the mask is held:
 
-- the masks are the ones pruning chose (``sparsity_masks.safetensors`` beside
-  ``sparsity_manifest.json``; see ``sd2_utils.prune``), checked against the weights on load;
-- gradients of pruned weights are zeroed as they are computed (a tensor hook, so gradient
-  clipping uses the masked norm) and again just before the optimizer step (covers wrappers
-  whose sharded parameters get their gradients assigned rather than accumulated, as in FSDP2);
+- a draft with ``sparsity_manifest.json`` (``sd2_utils.prune``) is sparse. Its mask keeps
+  every weight of the pruned layers that is nonzero at the start, and pruning's own masks
+  (``sparsity_masks.safetensors``) are checked against the weights on load;
+- gradients of pruned weights are zeroed as they are computed, by a tensor hook, so gradient
+  clipping uses the masked norm. They are zeroed again just before the optimizer step, which
+  covers wrappers such as FSDP2 that assign gradients to sharded parameters;
 - the weights are re-masked right after each optimizer step, so no optimizer state (momentum,
   weight decay) can move a pruned weight away from zero.
 
@@ -37,8 +38,8 @@ Output folder (``--out``):
 
 - the model in the Hugging Face layout (``from_pretrained`` loads it) with its tokenizer;
 - for a sparse draft, ``sparsity_masks.safetensors`` (unchanged) and
-  ``sparsity_manifest.json`` with per-layer sparsity measured on the trained weights and a
-  ``finetune`` entry;
+  ``sparsity_manifest.json`` with a ``finetune`` entry that records the per-layer sparsity
+  measured on the saved weights and the mask fingerprint;
 - ``training_log.json``: loss, learning rate and gradient norm per step;
 - ``finetune_summary.json``: settings, token counts, throughput, held-out perplexity before and
   after, and the mask check; written last, so a folder with it is a finished run;
@@ -208,7 +209,7 @@ def render_with_assistant_spans(tokenizer, turns: Sequence[dict]) -> tuple[str, 
     """Render a conversation in the draft's input format and locate each assistant response in the text.
 
     With a chat template, the span of assistant turn ``i`` runs from the end of the prompt that
-    asks for it (turns before ``i`` plus the generation prompt) to the end of the conversation
+    requests it (turns before ``i`` plus the generation prompt) to the end of the conversation
     rendered up to turn ``i``, so it covers the response and the template's end-of-turn token
     (``<|im_end|>`` in Qwen2.5 and SmolLM2), which teaches the draft where to stop. Without a
     chat template (a base model), turns are joined by blank lines and each span covers the
@@ -704,6 +705,8 @@ def finetune(config: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str,
     resume_from = _prepare_output(config, out, fingerprint)
 
     started = time.perf_counter()
+    # The data are checked first, so that a wrong --data fails before the model loads.
+    conversations = load_training_conversations(config.data)
     source = resolve(config.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
@@ -711,7 +714,6 @@ def finetune(config: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str,
     if config.freeze_embeddings:
         logger.info("Froze %d embedding and lm_head parameters", freeze_embeddings(model))
 
-    conversations = load_training_conversations(config.data)
     if config.num_samples is not None:
         conversations = conversations[: config.num_samples]
     if config.num_heldout >= len(conversations):
