@@ -220,3 +220,28 @@ def test_verify_sampling_real_model_distribution(qwen, qwen_shallow):
     q_small = q[:, support]
     first, _ = _emitted_frequencies(p_small, q_small, 6000, torch.Generator().manual_seed(1))
     assert torch.allclose(first, p_small[0], atol=0.03)
+
+
+def test_heuristic_schedule_matches_target(qwen, qwen_shallow, references):
+    model, tokenizer = qwen
+    ids, reference = references["ascii"]
+    output = speculative_generate(model, qwen_shallow, ids, num_assistant_tokens=2, max_new_tokens=MAX_NEW_TOKENS,
+                                  schedule="heuristic")
+    assert output.new_token_ids == reference.new_token_ids
+    assert output.rounds[0].num_drafted == 2
+
+
+@pytest.mark.parametrize("draft_kind", ["shared", "different"])
+def test_sampling_reproducible_with_seed(qwen, qwen_shallow, smollm, draft_kind):
+    model, tokenizer = qwen
+    draft, draft_tokenizer = (qwen_shallow, tokenizer) if draft_kind == "shared" else smollm
+    ids = _prompt_ids(tokenizer, PROMPTS["emoji"])
+    outputs = [
+        speculative_generate(model, draft, ids, num_assistant_tokens=3, max_new_tokens=8, temperature=0.8,
+                             top_p=0.9, top_k=50, target_tokenizer=tokenizer, draft_tokenizer=draft_tokenizer,
+                             generator=torch.Generator().manual_seed(7))
+        for _ in range(2)
+    ]
+    assert outputs[0].new_token_ids == outputs[1].new_token_ids
+    assert 1 <= outputs[0].num_new_tokens <= 8
+    assert all(token < len(tokenizer) for token in outputs[0].new_token_ids)
