@@ -76,7 +76,7 @@ def load_conversations(source: str | os.PathLike) -> tuple[list[list[dict]], dic
         )
     conversations = [list(row["turns"]) for row in rows if row["turns"]]
     if not conversations:
-        raise ValueError(f"empty calibration set: {str(source)!r} holds no conversations")
+        raise ValueError(f"empty calibration set: {str(source)!r} contains no conversations")
     return conversations, description
 
 

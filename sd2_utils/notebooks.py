@@ -173,7 +173,7 @@ def reproduce(
     Args:
         profile: name of a file in ``profiles/``.
         only: notebook stems or number prefixes to run (default: the profile's list, or all).
-        force: stems or prefixes to rerun even when their stage record says they are done;
+        force: stems or prefixes to rerun even when their stage record marks them done;
             ``all`` reruns every notebook.
         run_dir: where stages write artifacts (default ``data/runs/<profile>``).
         results_dir: where executed notebooks and ``metrics.json`` go (default ``results/<profile>``).
@@ -196,7 +196,7 @@ def reproduce(
         stage_record = run_dir / "stages" / f"{stem}.json"
         done = read_json(stage_record, default={}) or {}
         forced = "all" in force or any(_matches(stem, name) for name in force)
-        # A stage whose inputs were just rebuilt reruns too, whatever its own record says.
+        # A stage whose inputs were just rebuilt reruns too, whatever its own record shows.
         if done.get("fingerprint") == fingerprint and not forced and not upstream_ran:
             logger.info("[%d/%d] %s: done with these settings, skipped", position, len(notebooks), stem)
             continue

@@ -602,6 +602,6 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--include-lm-head", action="store_true", help="prune lm_head too (default: dense)")
     parser.add_argument("--compressed-out", default=None,
                         help="also write the draft in the compressed bitmask format to this folder")
-    parser.add_argument("--overwrite", action="store_true", help="prune again even if --out holds a pruned draft")
+    parser.add_argument("--overwrite", action="store_true", help="prune again even if --out contains a pruned draft")
     parser.add_argument("--out", required=True, help="folder of the pruned draft")
     parser.set_defaults(func=_prune_command)
