@@ -882,7 +882,7 @@ def evaluate_cross_family(
     """Measure MAL for each draft and each (uag_mode, temperature), resuming finished runs.
 
     Each run is written to ``out_dir/<draft>-<mode>-t<temperature>.json``; a file written with
-    the same settings and prompts is read back instead of decoding again. A draft whose path is
+    the same settings, prompts and draft weights is read back instead of decoding again. A draft whose path is
     a missing directory is skipped with a warning.
 
     Args:
@@ -897,6 +897,7 @@ def evaluate_cross_family(
     Returns:
         One ``MalRun`` per draft and setting, in order.
     """
+    from .io import weights_fingerprint
     from .models import EMBEDDED_MODELS, load_model
 
     out_dir = Path(out_dir)
@@ -909,8 +910,11 @@ def evaluate_cross_family(
             logger.warning("Skipping draft %s: %s does not exist (run the stage that builds it)", name, path)
             continue
         draft_model = draft_tokenizer = None
+        # The weights' hash detects a rebuilt draft directory, whose stored runs are stale.
+        weights = weights_fingerprint(path)
         for uag_mode, temperature in settings:
-            record = {"target": target_name, "draft_path": path, "prompts": prompts_digest, "seed": seed}
+            record = {"target": target_name, "draft_path": path, "draft_weights": weights,
+                      "prompts": prompts_digest, "seed": seed}
             result_path = out_dir / f"{name}-{uag_mode}-t{temperature:g}.json"
             stored = read_json(result_path)
             if stored and stored.get("record") == record and stored["run"]["max_new_tokens"] == max_new_tokens \

@@ -91,6 +91,31 @@ def test_run_evaluation_rejects_other_settings(tmp_path, loaded_models):
         run_evaluation(_settings(tmp_path, max_questions=1, max_new_tokens=4, num_assistant_tokens=2), loaded_models)
 
 
+def test_rebuilt_draft_is_evaluated_again(tmp_path, loaded_models):
+    model, tokenizer = loaded_models[(SMOLLM_ID, "float32")]
+    draft_dir = tmp_path / "draft"
+    model.save_pretrained(draft_dir)
+    tokenizer.save_pretrained(draft_dir)
+    settings = _settings(tmp_path, draft=str(draft_dir), max_questions=1, max_new_tokens=4)
+    run_evaluation(settings, loaded_models)
+    first_build = read_answers(settings.out)
+
+    # Rebuild the draft in place, as a rerun of the pruning or fine-tuning stage does.
+    rebuilt = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32)
+    with torch.no_grad():
+        rebuilt.model.layers[0].mlp.down_proj.weight[0].zero_()
+    rebuilt.save_pretrained(draft_dir)
+    loaded_models.pop((str(draft_dir), "float32"))
+    rerun = _settings(tmp_path, draft=str(draft_dir), max_questions=1, max_new_tokens=4)
+    assert rerun.draft_weights != settings.draft_weights
+    run_evaluation(rerun, loaded_models)
+
+    set_aside = settings.out.with_name(f"{settings.out.stem}.draft-{settings.draft_weights}.jsonl")
+    assert read_answers(set_aside) == first_build
+    answers = read_answers(rerun.out)
+    assert [a["run"]["draft_weights"] for a in answers.values()] == [rerun.draft_weights]
+
+
 def test_cross_check_transformers_same_output_and_mal(loaded_models):
     target, tokenizer = loaded_models[(QWEN_DRAFT_ID, "float32")]
     draft = AutoModelForCausalLM.from_pretrained(resolve(QWEN_DRAFT_ID), num_hidden_layers=6, dtype=torch.float32).eval()
