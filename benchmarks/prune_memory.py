@@ -45,6 +45,7 @@ def main() -> int:
     parser.add_argument("--pattern", default=None)
     parser.add_argument("--calibration", default="sharegpt")
     parser.add_argument("--out", default=None, help="keep the pruned draft here (default: a temporary folder)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file for the measurement")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -86,7 +87,7 @@ def main() -> int:
         "command": " ".join(command[1:]),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
-    atomic_write_json(RESULTS, result)
+    atomic_write_json(args.results, result)
     print(json.dumps(result, indent=2))
     return 0
 
