@@ -28,7 +28,8 @@ Several CPU processes (DDP over gloo, as the tests run it) start with torchrun::
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m sd2_utils.finetune --threads 1 ...
 
 With accelerate 1.16 and no MPI installed, ``accelerate launch --cpu --num_processes 2``
-started only one process (world size 1), so use torchrun on CPU.
+started only one process (world size 1), so use torchrun on CPU. accelerate enables FSDP only
+on GPUs; the tests check the mask on FSDP2 shards with torch's ``fully_shard`` over gloo.
 
 Each distilled conversation is rendered with the draft's own chat template and tokenized with
 the draft's tokenizer (the text is re-tokenized, so a draft from another family, such as

@@ -334,3 +334,37 @@ def test_finetune_two_processes_gloo(sparse_drafts, distilled, tmp_path):
     assert summary["mask_violations"] == 0
     assert "world_size=2" in completed.stderr or "world size 2" in completed.stderr
     check_mask_kept(sparse_drafts["2:4"], out, summary)
+
+
+def _run_fsdp2_worker(draft: Path, out: Path, mode: str, port: int) -> list[dict]:
+    out.mkdir()
+    worker = Path(__file__).with_name("fsdp2_mask_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(port), str(worker), str(draft), str(out), mode]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_fixed_mask_holds_on_fsdp2_shards(sparse_drafts, tmp_path):
+    results = _run_fsdp2_worker(sparse_drafts["2:4"], tmp_path / "masked", "masked", 29562)
+
+    for result in results:
+        assert result["world_size"] == 2
+        # Each process holds half the rows of every weight, as a DTensor shard.
+        assert result["parameter_type"] == "DTensor"
+        assert result["sharded_by_rows"] == [True]
+        assert result["local_rows"] * 2 == result["full_rows"]
+        assert result["violations"] == 0
+        assert result["changed"] > 0
+    assert results[0]["losses"] == results[1]["losses"]
+
+
+def test_fsdp2_shards_lose_mask_without_callback(sparse_drafts, tmp_path):
+    # The control for the test above: without the callback, AdamW moves pruned weights.
+    results = _run_fsdp2_worker(sparse_drafts["2:4"], tmp_path / "unmasked", "unmasked", 29563)
+
+    for result in results:
+        assert result["parameter_type"] == "DTensor"
+        assert result["violations"] > 0
