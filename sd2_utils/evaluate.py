@@ -157,10 +157,10 @@ def _write_answers(path: Path, answers: dict[str, dict]) -> None:
 
 
 def _check_resumable(path: Path, answers: dict[str, dict], settings: EvalSettings) -> bool:
-    """Reject answers from other settings, and move aside answers of an earlier build of the draft.
+    """Raise for stored answers from other settings, and move aside those of an earlier draft build.
 
     Returns:
-        Whether the existing answers can be resumed (False once they were moved aside).
+        Whether the stored answers can be resumed (False once they were moved aside).
     """
     expected = settings.run_record()
     for answer in answers.values():

@@ -32,9 +32,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# A layer of a model with fewer zeros than this counts as dense in `count_macs`: 50% and 2:4
-# drafts are far above it, and the exact zeros of dequantized GGUF weights (about 4% in the
-# embedded Qwen2.5-Coder-0.5B) far below.
+# A layer with a smaller fraction of zeros counts as dense in `count_macs`. 50% and 2:4 drafts
+# are far above it, and dequantized GGUF weights (about 4% exact zeros in the embedded
+# Qwen2.5-Coder-0.5B) are far below.
 DENSE_BELOW_SPARSITY = 0.2
 
 
@@ -308,7 +308,7 @@ def _kept(num_weights: int, sparsity: float) -> int:
 
 
 def _counted_weights(weight: torch.Tensor, min_sparsity: float) -> int:
-    """Non-zero weights of a pruned layer; every weight of a layer with only incidental zeros."""
+    """Count a layer's non-zero weights, or all of them when its zeros are incidental."""
     nonzero = int(torch.count_nonzero(weight))
     return nonzero if 1.0 - nonzero / weight.numel() >= min_sparsity else weight.numel()
 

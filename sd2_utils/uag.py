@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .io import atomic_write_json, read_json
+from .io import atomic_write_json, read_json, weights_fingerprint
 
 from .speculative import (
     DEFAULT_LOOKBEHIND,
@@ -881,9 +881,9 @@ def evaluate_cross_family(
 ) -> list[MalRun]:
     """Measure MAL for each draft and each (uag_mode, temperature), resuming finished runs.
 
-    Each run is written to ``out_dir/<draft>-<mode>-t<temperature>.json``; a file written with
-    the same settings, prompts and draft weights is read back instead of decoding again. A draft whose path is
-    a missing directory is skipped with a warning.
+    Each run is written to ``out_dir/<draft>-<mode>-t<temperature>.json``. A file written with
+    the same settings, prompts and draft weights is read back instead of decoding again. A
+    draft whose path is a missing directory is skipped with a warning.
 
     Args:
         target_name: target model name.
@@ -897,7 +897,6 @@ def evaluate_cross_family(
     Returns:
         One ``MalRun`` per draft and setting, in order.
     """
-    from .io import weights_fingerprint
     from .models import EMBEDDED_MODELS, load_model
 
     out_dir = Path(out_dir)

@@ -6,7 +6,7 @@ fixed-mask callback through the hooks that ``Trainer`` calls. The parameters are
 shards, as under ``accelerate launch`` with ``configs/accelerate/fsdp.yaml``.
 
 Usage: ``torchrun --nproc_per_node 2 fsdp2_mask_worker.py DRAFT_DIR OUT_DIR MODE``, where MODE
-is ``masked`` (the callback holds the mask) or ``unmasked`` (the callback is left out, as a
+is ``masked`` (the callback keeps the mask fixed) or ``unmasked`` (the callback is left out, as a
 control that the optimizer does move pruned weights). Each rank writes ``OUT_DIR/rank-R.json``.
 """
 

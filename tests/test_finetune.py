@@ -352,7 +352,7 @@ def test_fixed_mask_holds_on_fsdp2_shards(sparse_drafts, tmp_path):
 
     for result in results:
         assert result["world_size"] == 2
-        # Each process holds half the rows of every weight, as a DTensor shard.
+        # Each process stores half the rows of every weight, as a DTensor shard.
         assert result["parameter_type"] == "DTensor"
         assert result["sharded_by_rows"] == [True]
         assert result["local_rows"] * 2 == result["full_rows"]

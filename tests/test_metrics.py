@@ -77,7 +77,7 @@ def test_count_macs_from_weights_counts_zeros(smollm_eager):
     finally:
         with torch.no_grad():
             layer.weight.copy_(saved)
-    # Before, the layer's few dequantization zeros are incidental, so it counts as dense; after,
+    # Before, the layer's few dequantization zeros are incidental, so it counts as dense. After,
     # it is half sparse and counts its remaining non-zero weights.
     remaining_nonzero = int(torch.count_nonzero(saved[:, saved.shape[1] // 2:]))
     assert before.total - after.total == saved.numel() - remaining_nonzero
